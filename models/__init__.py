@@ -1,0 +1,1 @@
+"""Model recipes (*.toml): sources, LoRA targets and training defaults, by name."""

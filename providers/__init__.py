@@ -1,0 +1,1 @@
+"""Execution providers: the table, availability checks and session creation."""

@@ -1,0 +1,1 @@
+"""Task data: datasets, prompt templates, verbalizers and tokenisation."""
