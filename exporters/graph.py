@@ -1,0 +1,156 @@
+"""The scoring graph: token batch + per-row LoRA tensors in, per-row loss and candidate scores out.
+
+Exported with ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript). The TorchScript
+exporter is deprecated in torch 2.x and the dynamo path handles transformers 5's modeling code;
+optimum is not used because optimum-onnx pins transformers<4.58 and knows nothing of per-row LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS
+
+from .architectures import Architecture
+from .lora import LoraContext
+
+OPSET = 18
+
+
+class ScoringModel(nn.Module):
+    """Wraps a LoRA-wrapped ``*ForCausalLM`` into the bundle's graph signature.
+
+    The LM head runs only at the K target positions: gathering [N, K, H] hidden states first
+    avoids ever materialising [N, T, V] logits, which dominate the cost for small models with
+    large vocabularies.
+    """
+
+    def __init__(self, model: nn.Module, arch: Architecture, context: LoraContext) -> None:
+        super().__init__()
+        self.backbone = getattr(model, arch.backbone)
+        self.lm_head = getattr(model, arch.lm_head)
+        self._context = context
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_pos: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        *lora: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._context.tensors = [(lora[i], lora[i + 1]) for i in range(0, len(lora), 2)]
+        # Positions count real tokens only, so left and right padding score identically.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        seq = torch.arange(input_ids.shape[1], device=input_ids.device)
+        allowed = (seq[None, :] <= seq[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        # A ready 4D additive mask (causal + key padding) bypasses each architecture's own mask
+        # construction, so all of them see the same, export-friendly mask.
+        bias = torch.where(
+            allowed,
+            torch.zeros((), dtype=torch.float32),
+            torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32),
+        )
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        index = target_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        logits = self.lm_head(torch.gather(hidden, 1, index)).float()  # [N, K, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        nll = -torch.gather(logprobs, 2, target_ids.unsqueeze(-1)).squeeze(-1)  # [N, K]
+        count = target_mask.sum(-1)
+        loss = (nll * target_mask).sum(-1) / torch.where(count > 0, count, torch.ones_like(count))
+        candidates = candidate_ids.unsqueeze(1).expand(-1, target_ids.shape[1], -1)
+        return loss, torch.gather(logprobs, 2, candidates)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Sizes of the example batch; ``dynamic`` marks N, T, K and C as symbolic in the graph."""
+
+    rows: int
+    seq_len: int
+    targets: int
+    candidates: int
+    dynamic: bool
+
+
+def example_inputs(shapes: Shapes, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    n, t, k, c = shapes.rows, shapes.seq_len, shapes.targets, shapes.candidates
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(n, t, dtype=torch.int64)
+    mask[0, : t // 3] = 0  # some left padding, so nothing specialises on a full mask
+    return (
+        torch.randint(0, vocab_size, (n, t), generator=generator),
+        mask,
+        torch.randint(t // 3, t, (n, k), generator=generator),
+        torch.randint(0, vocab_size, (n, k), generator=generator),
+        torch.ones(n, k, dtype=torch.float32),
+        torch.randint(0, vocab_size, (n, c), generator=generator),
+    )
+
+
+def export_graph(
+    scoring: ScoringModel,
+    lora: Sequence[torch.Tensor],
+    lora_names: Sequence[str],
+    lora_per_row: Sequence[bool],
+    shapes: Shapes,
+    vocab_size: int,
+    path: Path,
+    exporter: str = "dynamo",
+) -> None:
+    """Export ``scoring`` to ``path`` (weights in ``path``.data beside it)."""
+    tokens = example_inputs(shapes, vocab_size)
+    names = [spec.name for spec in TOKEN_INPUTS] + list(lora_names)
+    common = dict(
+        input_names=names,
+        output_names=[spec.name for spec in OUTPUTS],
+        opset_version=OPSET,
+        verbose=False,
+    )
+    with torch.no_grad():
+        if exporter == "torchscript":
+            axes = None
+            if shapes.dynamic:
+                token_axes = {
+                    spec.name: {axis: str(sym) for axis, sym in enumerate(spec.shape)}
+                    for spec in TOKEN_INPUTS
+                }
+                lora_axes = {
+                    name: {0: "N"} for name, per_row in zip(lora_names, lora_per_row) if per_row
+                }
+                axes = token_axes | lora_axes
+            torch.onnx.export(
+                scoring, (*tokens, *lora), str(path), dynamo=False, dynamic_axes=axes, **common
+            )
+            return
+        dynamic_shapes = None
+        if shapes.dynamic:
+            dims = {
+                name: torch.export.Dim(name, min=1, max=1 << 20) for name in ("N", "T", "K", "C")
+            }
+            token_dims = tuple(
+                {axis: dims[str(sym)] for axis, sym in enumerate(spec.shape)}
+                for spec in TOKEN_INPUTS
+            )
+            # Varargs take their dynamic shapes as one nested tuple.
+            lora_dims = tuple({0: dims["N"]} if per_row else {} for per_row in lora_per_row)
+            dynamic_shapes = (*token_dims, lora_dims)
+        torch.onnx.export(
+            scoring,
+            (*tokens, *lora),
+            str(path),
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=True,
+            optimize=True,
+            **common,
+        )

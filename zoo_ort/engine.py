@@ -1,0 +1,293 @@
+"""``OrtEngine``: the :class:`~zoo_ort.batch.Engine` protocol over an ONNX Runtime session.
+
+Dynamic bundles get each batch as it is. Static bundles (``manifest.static``) get every batch
+padded to the exported sizes: ``T`` by right-padding (pad id, mask 0), ``K`` and ``C`` with
+masked/duplicate slots, and rows in chunks of ``N`` filled up with copies of the chunk's first
+row; only the real rows and slots are returned. On EPs with device memory (CUDA) inputs and LoRA
+tensors live on the device between steps and only the per-row outputs come back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from zoo_ort.batch import EngineOutput, TokenBatch
+from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS, Bundle, Manifest, TensorSpec
+from zoo_ort.errors import ZooError
+from zoo_ort.providers import get_spec, make_session
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = [o.name for o in OUTPUTS]
+
+# numpy dtype name -> the element type ORT reports as "tensor(<type>)"
+_ORT_TYPES = {
+    "float32": "float",
+    "float64": "double",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int64": "int64",
+    "int32": "int32",
+    "int8": "int8",
+    "uint8": "uint8",
+    "bool": "bool",
+}
+
+
+def _dims_problem(where: str, graph: Sequence[Any], want: Sequence[Any], static: Mapping) -> str:
+    """Why a graph shape does not fit a manifest shape, or ""."""
+    if len(graph) != len(want):
+        return f"{where} has rank {len(graph)} in the graph, {len(want)} in the manifest"
+    for axis, (g, w) in enumerate(zip(graph, want, strict=True)):
+        fixed = w if isinstance(w, int) else static.get(w)
+        if isinstance(g, int) and fixed is None:
+            return (
+                f"{where} axis {axis} is fixed at {g} in the graph, dynamic ({w}) in the manifest"
+            )
+        if isinstance(g, int) and g != fixed:
+            return f"{where} axis {axis} is {g} in the graph, {fixed} in the manifest"
+    return ""
+
+
+def check_graph(manifest: Manifest, session: ort.InferenceSession) -> None:
+    """Raise ZooError unless the session's inputs and outputs are the manifest's."""
+    static = dict(manifest.static or {})
+    problems: list[str] = []
+    declared = {t.name: t for t in manifest.inputs}
+    for required in TOKEN_INPUTS:
+        if required.name not in declared:
+            problems.append(f"the manifest lists no input {required.name}")
+    for lora in manifest.lora_tensors():
+        if lora.input not in declared:
+            problems.append(f"the manifest lists no input for LoRA tensor {lora.input}")
+        else:
+            shape = (["N"] if lora.per_row else []) + list(lora.shape)
+            if problem := _dims_problem(lora.input, declared[lora.input].shape, shape, static):
+                problems.append(problem.replace("the graph", "the inputs list"))
+
+    def compare(kind: str, graph_args: Sequence[Any], specs: list[TensorSpec]) -> None:
+        by_name = {a.name: a for a in graph_args}
+        for spec in specs:
+            arg = by_name.pop(spec.name, None)
+            if arg is None:
+                problems.append(f"{kind} {spec.name} is not in the graph")
+                continue
+            want = f"tensor({_ORT_TYPES.get(spec.dtype, spec.dtype)})"
+            if arg.type != want:
+                problems.append(f"{kind} {spec.name} is {arg.type} in the graph, {want} expected")
+            if problem := _dims_problem(f"{kind} {spec.name}", arg.shape, spec.shape, static):
+                problems.append(problem)
+        if kind == "input" and by_name:
+            problems.append(f"graph inputs missing from the manifest: {', '.join(sorted(by_name))}")
+
+    compare("input", session.get_inputs(), manifest.inputs)
+    declared_outputs = {o.name for o in manifest.outputs}
+    for required in OUTPUTS:
+        if required.name not in declared_outputs:
+            problems.append(f"the manifest lists no output {required.name}")
+    compare("output", session.get_outputs(), manifest.outputs)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ZooError(
+            f"bundle's manifest does not match its graph: {'; '.join(problems[:3])}{more}"
+        )
+
+
+class _DeviceFeeds:
+    """Graph inputs kept in device memory across runs; outputs are bound to host memory.
+
+    A tensor whose shape and dtype match the previous step's is copied into the same device
+    buffer (``OrtValue.update_inplace``) instead of being reallocated, which is the usual case
+    for LoRA tensors and for every input of a static bundle.
+    """
+
+    def __init__(self, session: ort.InferenceSession, device: str, device_id: int) -> None:
+        self._session = session
+        self._device = device
+        self._device_id = device_id
+        self._binding = session.io_binding()
+        self._values: dict[str, tuple[ort.OrtValue, np.dtype, tuple[int, ...]]] = {}
+
+    def value(self, name: str) -> ort.OrtValue | None:
+        entry = self._values.get(name)
+        return entry[0] if entry else None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        for name, array in feeds.items():
+            entry = self._values.get(name)
+            if entry is not None and entry[1] == array.dtype and entry[2] == array.shape:
+                entry[0].update_inplace(np.ascontiguousarray(array))
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(array), self._device, self._device_id
+                )
+                self._values[name] = (value, array.dtype, array.shape)
+            self._binding.bind_ortvalue_input(name, self._values[name][0])
+        for name in OUTPUT_NAMES:
+            self._binding.bind_output(name, "cpu")
+        self._binding.synchronize_inputs()
+        self._session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+        # copies: the binding reuses its output buffers on the next run
+        return [np.array(v.numpy(), copy=True) for v in self._binding.get_outputs()]
+
+
+class OrtEngine:
+    """Scores token batches under per-row LoRA tensors with ONNX Runtime.
+
+    ``provider_options`` are ORT option strings as :func:`zoo_ort.providers.parse_options`
+    returns them; ``fallback="cpu"`` accepts running on the CPU if the EP cannot start.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        provider: str = "cpu",
+        provider_options: Mapping[str, object] | None = None,
+        fallback: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        spec = get_spec(provider)
+        self.session = make_session(
+            bundle.model_path,
+            spec.name,
+            dict(provider_options or {}),
+            fallback=fallback,
+            intra_op_threads=threads,
+        )
+        check_graph(self.manifest, self.session)
+        self._lora = {t.input: t for t in self.manifest.lora_tensors()}
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in self.manifest.inputs}
+        self._static = dict(self.manifest.static or {})
+        tok = self.manifest.tokenizer
+        pad = next(
+            (tok.get(k) for k in ("pad_token_id", "eos_token_id") if tok.get(k) is not None), 0
+        )
+        self._pad_id = int(pad)
+        self._device: _DeviceFeeds | None = None
+        self._device_proven = False
+        if spec.io_binding_device and spec.ort_name in self.active_providers:
+            device_id = int(dict(provider_options or {}).get("device_id", 0))
+            self._device = _DeviceFeeds(self.session, spec.io_binding_device, device_id)
+
+    @property
+    def active_providers(self) -> list[str]:
+        """The providers the session really uses, best first (e.g. ``["CUDAExecutionProvider",
+        "CPUExecutionProvider"]``)."""
+        return list(self.session.get_providers())
+
+    @property
+    def uses_io_binding(self) -> bool:
+        return self._device is not None
+
+    # -- the Engine protocol -------------------------------------------------------------------
+    def forward(self, batch: TokenBatch, lora: Mapping[str, np.ndarray]) -> EngineOutput:
+        feeds = self._token_feeds(batch)
+        feeds.update(self._lora_feeds(lora, batch.rows))
+        if batch.rows == 0:
+            k, c = batch.target_pos.shape[1], batch.candidate_ids.shape[1]
+            return EngineOutput(np.zeros(0, np.float32), np.zeros((0, k, c), np.float32))
+        if not self._static:
+            loss, cand = self._run(feeds)
+        else:
+            loss, cand = self._run_static(feeds, batch)
+        return EngineOutput(
+            loss=loss.astype(np.float32), candidate_logprobs=cand.astype(np.float32)
+        )
+
+    # -- feeds ---------------------------------------------------------------------------------
+    def _token_feeds(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, array in batch.arrays().items():
+            feeds[name] = np.ascontiguousarray(array, dtype=self._dtypes.get(name, array.dtype))
+        n = batch.rows
+        for name, array in feeds.items():
+            if array.ndim != 2 or array.shape[0] != n:
+                raise ZooError(f"batch {name} has shape {list(array.shape)}, expected [{n}, ...]")
+        return feeds
+
+    def _lora_feeds(self, lora: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        missing = sorted(set(self._lora) - set(lora))
+        extra = sorted(set(lora) - set(self._lora))
+        if missing or extra:
+            raise ZooError(
+                f"LoRA tensors do not match the bundle (missing {missing[:3]}, "
+                f"unexpected {extra[:3]})"
+            )
+        feeds = {}
+        for name, spec in self._lora.items():
+            array = np.asarray(lora[name])
+            want = ((rows,) if spec.per_row else ()) + tuple(spec.shape)
+            if array.shape != want:
+                raise ZooError(
+                    f"LoRA tensor {name} has shape {list(array.shape)}, expected {list(want)}"
+                )
+            feeds[name] = np.ascontiguousarray(array, dtype=self._dtypes.get(name, np.float32))
+        return feeds
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        if self._device is not None:
+            try:
+                loss, cand = self._device.run(feeds)
+                self._device_proven = True
+                return loss, cand
+            except Exception as e:  # ORT's own error types
+                if self._device_proven:
+                    raise
+                # An EP whose allocator cannot back OrtValues made this way (plugin EPs register
+                # theirs differently): feed from host memory instead; ORT copies the inputs.
+                log.warning("IO binding failed on first use (%s); feeding from host memory", e)
+                self._device = None
+        loss, cand = self.session.run(OUTPUT_NAMES, dict(feeds))
+        return loss, cand
+
+    # -- static bundles ------------------------------------------------------------------------
+    def _run_static(
+        self, feeds: dict[str, np.ndarray], batch: TokenBatch
+    ) -> tuple[np.ndarray, np.ndarray]:
+        static = self._static
+        n, t = batch.input_ids.shape
+        k, c = batch.target_pos.shape[1], batch.candidate_ids.shape[1]
+        for symbol, size in (("T", t), ("K", k), ("C", c)):
+            if symbol in static and size > static[symbol]:
+                raise ZooError(
+                    f"batch has {symbol}={size} but the bundle was exported with static "
+                    f"{symbol}={static[symbol]}; shorten the inputs or re-export with a larger size"
+                )
+        padded = dict(feeds)
+        for names, symbol, size in (
+            (("input_ids", "attention_mask"), "T", t),
+            (("target_pos", "target_ids", "target_mask"), "K", k),
+            (("candidate_ids",), "C", c),
+        ):
+            extra = static.get(symbol, size) - size
+            for name in names:
+                if extra:
+                    fill = self._pad_id if name == "input_ids" else 0
+                    mode: dict[str, Any] = (
+                        {"mode": "edge"} if name == "candidate_ids" else {"constant_values": fill}
+                    )
+                    padded[name] = np.pad(feeds[name], ((0, 0), (0, extra)), **mode)
+        rows_per_run = static.get("N", n)
+        per_row = [name for name, spec in self._lora.items() if spec.per_row] + [
+            i.name for i in TOKEN_INPUTS
+        ]
+        losses, cands = [], []
+        for start in range(0, n, rows_per_run):
+            real = np.arange(start, min(start + rows_per_run, n))
+            rows = np.concatenate([real, np.full(rows_per_run - len(real), real[0])])
+            chunk = {
+                name: (np.ascontiguousarray(a[rows]) if name in per_row else a)
+                for name, a in padded.items()
+            }
+            loss, cand = self._run(chunk)
+            losses.append(loss[: len(real)])
+            cands.append(cand[: len(real), :k, :c])
+        return np.concatenate(losses), np.concatenate(cands)
