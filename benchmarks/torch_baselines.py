@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import re
 import statistics
@@ -446,10 +445,10 @@ class _Run:
             "rows_per_step": rows_per_step,
             "train_s": self.train_s,
             "wall_s": time.perf_counter() - self.start,
-            "mean_step_s": statistics.fmean(later) if later else math.nan,
-            "median_step_s": statistics.median(later) if later else math.nan,
-            "first_step_s": times[0] if times else math.nan,
-            "rows_per_s": rows_per_step / statistics.median(later) if later else math.nan,
+            "mean_step_s": statistics.fmean(later) if later else None,
+            "median_step_s": statistics.median(later) if later else None,
+            "first_step_s": times[0] if times else None,
+            "rows_per_s": rows_per_step / statistics.median(later) if later else None,
             "step_times_s": times,
             "train_loss": self.losses,
             "curve": self.curve,

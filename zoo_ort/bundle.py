@@ -184,7 +184,9 @@ class Bundle:
     def initial_lora(self) -> dict[str, np.ndarray]:
         """The initial LoRA tensors by graph input name, checked against the manifest."""
         tensors = load_tensors(self.path / self.manifest.adapter_init)
-        check_lora_tensors(self.manifest, tensors, where=str(self.path / self.manifest.adapter_init))
+        check_lora_tensors(
+            self.manifest, tensors, where=str(self.path / self.manifest.adapter_init)
+        )
         return tensors
 
 

@@ -266,6 +266,9 @@ class _TrainView:
             console=err,
         )
         self.task: Any = None
+        self.pending: list[str] = []
+        self.total: int | None = None
+        self.first = 0
 
     def __enter__(self) -> _TrainView:
         self.progress.__enter__()
@@ -275,22 +278,28 @@ class _TrainView:
         self.progress.__exit__(*exc)
 
     def event(self, kind: str, info: dict[str, Any]) -> None:
+        # Nothing is shown before training really starts, so that an error raised while the run
+        # is being checked stays the only line on stderr.
+        if kind == "message":
+            self.pending.append(info["text"])
+            return
         if kind == "start":
+            self.total, self.first = info["steps"], info.get("step", 0)
+            return
+        if self.task is None:
+            for text in self.pending:
+                self.progress.console.print(text)
             self.task = self.progress.add_task(
-                "train", total=info["steps"], completed=info.get("step", 0), info=""
+                "train", total=self.total, completed=self.first, info=""
             )
-        elif kind == "step":
-            text = (
-                f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info.get('steps_per_s', 0):.2f} it/s"
-            )
+        if kind == "step":
+            text = f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info.get('steps_per_s') or 0:.2f} it/s"
             self.progress.update(self.task, completed=info["step"], info=text)
         elif kind == "eval":
             metrics = ", ".join(
                 f"{k} {v:.4f}" for k, v in info["metrics"].items() if isinstance(v, float)
             )
             self.progress.console.print(f"step {info['step']}: {info['split']} {metrics}")
-        elif kind == "message":
-            self.progress.console.print(info["text"])
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

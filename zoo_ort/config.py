@@ -51,16 +51,22 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def dumps_toml(config: Mapping[str, Any], table: str = "train") -> str:
+def dumps_toml(config: Mapping[str, Any], table: str = "train", comment: str = "") -> str:
     """Write a flat config (one level of sub-tables allowed) as TOML."""
     scalars = {k: v for k, v in config.items() if v is not None and not isinstance(v, Mapping)}
     tables = {k: v for k, v in config.items() if isinstance(v, Mapping)}
-    lines = [f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    lines = (
+        [f"# {c}" for c in comment.splitlines()]
+        + [f"[{table}]"]
+        + [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    )
     for name, sub in tables.items():
         lines += ["", f"[{table}.{name}]"]
         lines += [f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in sub.items()]
     return "\n".join(lines) + "\n"
 
 
-def save_toml(path: str | Path, config: Mapping[str, Any], table: str = "train") -> None:
-    atomic_write_text(path, dumps_toml(config, table))
+def save_toml(
+    path: str | Path, config: Mapping[str, Any], table: str = "train", comment: str = ""
+) -> None:
+    atomic_write_text(path, dumps_toml(config, table, comment))

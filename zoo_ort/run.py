@@ -233,8 +233,18 @@ def train_run(
             limit=int(cfg["eval_rows"]) or None,
         )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_toml(run_dir / "config.toml", {k: v for k, v in cfg.items() if v is not None})
+    from zoo_ort.checkpoint import has_checkpoint
+
+    continuing = has_checkpoint(run_dir)
+    if continuing and not resume:
+        raise ZooError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    saved_cfg = {k: v for k, v in cfg.items() if v is not None and k != "bundle"}
+    comment = f"resolved settings of this run; replay: zoo-ort train {cfg['bundle']} --config FILE"
+    if not continuing:  # a resumed run's settings are checked by train() before they are saved
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_toml(run_dir / "config.toml", saved_cfg, comment=comment)
     emit("message", {"text": _describe(cfg, train_data, dev_data, engine)})
 
     started = time.perf_counter()
@@ -260,6 +270,8 @@ def train_run(
         should_stop=should_stop,
         fingerprint=_fingerprint(cfg, bundle),
     )
+    if continuing:
+        save_toml(run_dir / "config.toml", saved_cfg, comment=comment)
     plotted = plot(run_dir)
     lines = [f"run folder: {run_dir}"]
     if result.stopped:
