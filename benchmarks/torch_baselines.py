@@ -149,6 +149,16 @@ def load_tiny(
     return model, tiny_tokenizer(vocab_size, data_dir)
 
 
+def load_hf_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a local Hugging Face folder (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 
@@ -599,7 +609,8 @@ def run_baseline(
     tiny_arch: str = "llama",
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Load ``model`` ("tiny" or "smollm2"), wrap it in LoRA-FA and run one baseline.
+    """Load ``model`` ("tiny", "smollm2" or a local HF model folder), wrap it in LoRA-FA and run
+    one baseline.
 
     ``which``: "mezo" (:func:`mezo_torch`), "first_order" (:func:`first_order_torch`) or
     "forward" (:func:`forward_only_torch`, on the LoRA-wrapped model); ``trainer_kwargs`` go to
@@ -616,8 +627,10 @@ def run_baseline(
         base, tokenizer = load_smollm2()
     elif model == "tiny":
         base, tokenizer = load_tiny(tiny_arch, seed=seed)
+    elif Path(model).is_dir():
+        base, tokenizer = load_hf_folder(model)
     else:
-        raise ValueError(f"model must be 'tiny' or 'smollm2', got {model!r}")
+        raise ValueError(f"model must be 'tiny', 'smollm2' or a model folder, got {model!r}")
     net = add_lora_fa(base, rank=rank, alpha=alpha, targets=tuple(targets), seed=seed)
     if bundle:
         load_lora_init(net, bundle)
@@ -628,7 +641,21 @@ def run_baseline(
     with PeakRSS() as rss:
         result = trainers[which](net, data, **trainer_kwargs)
     result["config"].update(rank=rank, alpha=alpha, targets=list(targets), bundle=bundle)
-    return {"model": model, "load_s": load_s, **result, **rss.as_dict(), "threads": n_threads}
+    from benchmarks.zoo_bench import ids_digest  # numpy only: the same hash as zoo-ort's side
+
+    digests = {
+        "dev_tokens_sha": ids_digest(data.dev_ids[: trainer_kwargs.get("dev_rows", 300)]),
+        "train_tokens_sha": ids_digest(data.train_ids),
+    }
+    return {
+        "model": model,
+        "load_s": load_s,
+        **result,
+        **rss.as_dict(),
+        "threads": n_threads,
+        "train_rows": len(data.train_ids),
+        **digests,
+    }
 
 
 TABLE_COLUMNS = [

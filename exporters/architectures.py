@@ -26,7 +26,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture(
-            "llama", ("q_proj", "v_proj"), "model", "lm_head", False, "SmolLM2, TinyLlama, Llama 2/3"
+            "llama",
+            ("q_proj", "v_proj"),
+            "model",
+            "lm_head",
+            False,
+            "SmolLM2, TinyLlama, Llama 2/3",
         ),
         Architecture("qwen2", ("q_proj", "v_proj"), "model", "lm_head", False, "Qwen2, Qwen2.5"),
         # GPT-2 fuses q, k and v into one Conv1D, so LoRA on c_attn covers all three (as in PEFT).

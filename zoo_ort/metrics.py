@@ -124,7 +124,7 @@ def plot(run_dir: str | Path) -> PlotResult:
             ]
             ax_loss.plot(xs, smooth, lw=1.5, label=f"train loss (mean of {w})")
     for k in eval_keys:
-        if k not in acc_keys:
+        if k.endswith("loss"):  # counts (examples, tokens) and perplexity have other scales
             ex, ey = series(evals, lambda r, k=k: r["eval"].get(k))
             ax_loss.plot(ex, ey, "o-", label=f"eval {k}")
     ax_loss.set_xlabel("step")

@@ -1,0 +1,610 @@
+"""zoo-ort's contenders of the benchmark suite, each a function that :func:`run_in_subprocess` calls.
+
+Every contender loads a bundle into an :class:`~zoo_ort.engine.OrtEngine`, tokenises SST-2 with
+the bundle's tokenizer and the same prompt as the PyTorch baselines (:data:`TEMPLATE`,
+:data:`VERBALIZER`; `tests/test_benchmarks_run.py` checks they are the baselines' own), draws
+the training rows of a step exactly as :meth:`benchmarks.torch_baselines.PromptData.train_indices`
+does, and returns a JSON-able dict:
+
+* :func:`prge_modes` -- P-RGE batched (one forward of 2·q·B rows) against sequential (2·q
+  forwards of B rows) through :func:`zoo_ort.estimator.evaluate_queries`, same rows, same engine.
+* :func:`zoo_train` -- :func:`zoo_ort.train.train` (the CLI's loop) with a dev-accuracy curve
+  against training time, stopped by a wall-clock budget; evaluation is kept off the clock.
+* :func:`zoo_overhead` -- the trainer's step against a bare ``InferenceSession.run`` of the same
+  2·q·B rows, timed alternately in one process.
+* :func:`zoo_forward` -- inference only on the same rows: rows/s, peak RSS, zero-shot accuracy.
+
+Bundles are built by :func:`prepare_bundles`, the only function here that imports torch (through
+the exporter); it runs in its own process, so no contender's memory includes torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import DATA_DIR, PeakRSS
+
+# The PyTorch baselines' prompt (benchmarks.torch_baselines.TEMPLATE / CANDIDATES), restated here
+# because importing that module would load torch into zoo-ort's processes.
+TEMPLATE = "Review: {sentence}\nSentiment (positive or negative):"
+VERBALIZER = {"0": " negative", "1": " positive"}
+TARGETS = ("q_proj", "v_proj")
+RANK, ALPHA = 8, 16.0
+PRECISIONS = ("fp32", "int8", "int4")
+SMOLLM2_RECIPE = "smollm2-135m"
+# The quick mode's model: a random Qwen2 (Llama-like, q/v projections) whose tokenizer adds no
+# BOS, so that the HF tokenizer on the PyTorch side and tokenizer.json here give the same ids.
+TINY_ARCH, TINY_HIDDEN, TINY_LAYERS = "qwen2", 64, 2
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles (built in a process of their own: the exporter imports torch)
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def _check_lora(bundle_path: Path) -> None:
+    from zoo_ort.bundle import load_bundle
+
+    lora = load_bundle(bundle_path).manifest.lora
+    got = (lora.mode, lora.rank, float(lora.alpha), tuple(sorted(lora.target_modules)))
+    want = ("fa", RANK, ALPHA, tuple(sorted(TARGETS)))
+    if got != want:
+        raise ValueError(f"{bundle_path}: LoRA (mode, rank, alpha, targets) is {got}, need {want}")
+
+
+def _derive(fp32: Path, out: Path, precision: str) -> None:
+    """A copy of the fp32 bundle whose base weights are int8 or int4; LoRA inputs stay fp32.
+
+    int8 is what ``export_bundle(quantize="int8")`` does (same function on the same fp32 graph);
+    int4 is ONNX Runtime's ``MatMulNBitsQuantizer`` (block 32, symmetric, int8 activations).
+    """
+    from zoo_ort.bundle import load_bundle, write_manifest
+
+    source = load_bundle(fp32)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        graph = stage / "model.onnx"
+        if precision == "int8":
+            from zoo_ort.exporters.quantize import quantize_int8
+
+            quantize_int8(source.model_path, graph)
+        elif precision == "int4":
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            model = onnx.load(str(source.model_path))
+            quant = MatMulNBitsQuantizer(
+                model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4
+            )
+            quant.process()
+            quant.model.save_model_to_file(str(graph), use_external_data_format=True)
+        else:
+            raise ValueError(f"unknown precision {precision!r}")
+        for name in (source.manifest.tokenizer["file"], source.manifest.adapter_init):
+            shutil.copyfile(fp32 / name, stage / name)
+        manifest = source.manifest
+        data = next((p.name for p in stage.iterdir() if p.name.startswith("model.onnx.")), None)
+        manifest.graph.update(base_precision=precision, external_data=data)
+        write_manifest(stage, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def prepare_bundles(
+    model: str = "tiny",
+    cache_dir: str = "benchmarks/cache",
+    precisions: Sequence[str] = PRECISIONS,
+    fp32_bundle: str | None = None,
+    rebuild: bool = False,
+) -> dict[str, Any]:
+    """Build (or reuse from ``cache_dir``) the bundles of ``model`` ("tiny" or "smollm2").
+
+    ``fp32_bundle``: an existing fp32 bundle to use instead of exporting one (it must be LoRA-FA,
+    rank 8, alpha 16 on q_proj/v_proj). int8/int4 bundles are derived from the fp32 one. A
+    precision that cannot be built is reported in ``errors`` instead of failing the run. For
+    "tiny" the Hugging Face folder the bundle was exported from is returned as ``hf_folder``, so
+    that the PyTorch side loads the very same weights.
+    """
+    from zoo_ort.exporters import export_bundle
+
+    cache = Path(cache_dir).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"model": model, "bundles": {}, "errors": {}, "build_s": {}}
+    t0 = time.perf_counter()
+    if model == "tiny":
+        from zoo_ort.exporters.tiny import make_tiny_model
+
+        src = cache / f"tiny-{TINY_ARCH}-src"
+        if rebuild or not (src / "config.json").is_file():
+            if src.exists():
+                shutil.rmtree(src)
+            make_tiny_model(TINY_ARCH, src, hidden=TINY_HIDDEN, layers=TINY_LAYERS, seed=0)
+        out["hf_folder"] = str(src)
+        export_from = str(src)
+    elif model == "smollm2":
+        export_from = SMOLLM2_RECIPE
+    else:
+        raise ValueError(f"model must be 'tiny' or 'smollm2', got {model!r}")
+
+    fp32 = Path(fp32_bundle).resolve() if fp32_bundle else cache / f"{model}-fp32"
+    if fp32_bundle is None and (rebuild or not _is_bundle(fp32)):
+        export_bundle(
+            export_from,
+            fp32,
+            rank=RANK,
+            alpha=ALPHA,
+            target_modules=list(TARGETS),
+            mode="fa",
+            overwrite=True,
+            seed=0,
+        )
+    _check_lora(fp32)
+    out["bundles"]["fp32"] = str(fp32)
+    out["build_s"]["fp32"] = time.perf_counter() - t0
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        path = cache / f"{model}-{precision}"
+        t1 = time.perf_counter()
+        try:
+            if rebuild or not _is_bundle(path):
+                _derive(fp32, path, precision)
+            out["bundles"][precision] = str(path)
+        except Exception as e:  # report, do not fail the run: int4 support varies
+            out["errors"][precision] = f"{type(e).__name__}: {e}"
+        out["build_s"][precision] = time.perf_counter() - t1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Data, shared with the PyTorch side
+
+
+def train_indices(n: int, seed: int, step: int, size: int) -> np.ndarray:
+    """The rows of ``step``'s batch: the same draw as ``PromptData.train_indices``."""
+    if size > n:
+        raise ValueError(f"batch size {size} exceeds the {n} training rows")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(step, 0)))
+    return rng.choice(n, size=size, replace=False)
+
+
+def ids_digest(seqs: Iterable[np.ndarray]) -> str:
+    """A short hash of a list of token id sequences (lengths included), to compare tokenisers."""
+    h = hashlib.sha256()
+    for s in seqs:
+        a = np.asarray(s, dtype=np.int64)
+        h.update(np.int64(len(a)).tobytes())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Setup:
+    bundle: Any
+    engine: Any
+    train: Any  # TaskData
+    dev: Any  # TaskData
+    params: dict[str, np.ndarray]
+    frozen: dict[str, np.ndarray]
+    threads: int
+    load_s: float
+
+    def batches(self, batch_size: int, seed: int) -> Callable[[int], Any]:
+        n = len(self.train)
+        return lambda step: self.train.batch(train_indices(n, seed, step, batch_size))
+
+    def digests(self, dev_rows: int) -> dict[str, str]:
+        rows = min(dev_rows, len(self.dev))
+        return {
+            "dev_tokens_sha": ids_digest(self.dev.example(i) for i in range(rows)),
+            "train_tokens_sha": ids_digest(self.train.example(i) for i in range(len(self.train))),
+        }
+
+
+def setup(
+    bundle: str,
+    *,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+    dev_rows: int = 300,
+    max_length: int = 128,
+    provider: str = "cpu",
+) -> Setup:
+    """Load ``bundle`` into an engine and tokenise SST-2 train (first ``train_limit`` rows) and
+    the first ``dev_rows`` dev rows with the baselines' prompt."""
+    from zoo_ort.bundle import load_bundle
+    from zoo_ort.engine import OrtEngine
+    from zoo_ort.run import split_lora
+    from zoo_ort.tasks import TextEncoder, build_task, load_task_data
+
+    t0 = time.perf_counter()
+    n_threads = threads or os.cpu_count() or 1
+    b = load_bundle(bundle)
+    spec = build_task("sst2", template=TEMPLATE, verbalizer=dict(VERBALIZER))
+    encoder = TextEncoder.from_bundle(b)
+    folder = Path(data_dir or DATA_DIR) / "sst2"
+    train = load_task_data(folder, "train", spec, encoder, max_length=max_length, limit=train_limit)
+    dev = load_task_data(folder, "dev", spec, encoder, max_length=max_length, limit=dev_rows)
+    engine = OrtEngine(b, provider=provider, threads=n_threads)
+    params, frozen = split_lora(b, b.initial_lora())
+    return Setup(b, engine, train, dev, params, frozen, n_threads, time.perf_counter() - t0)
+
+
+def _dev_eval(s: Setup, params: dict[str, np.ndarray], dev_rows: int) -> dict[str, float]:
+    from zoo_ort.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    m = evaluate(s.engine, params, s.frozen, s.dev, batch_size=32, limit=dev_rows)
+    return {
+        "dev_acc": m["accuracy"],
+        "dev_loss": m["candidate_loss"],
+        "dev_rows": m["examples"],
+        "eval_s": time.perf_counter() - t0,
+    }
+
+
+def _describe(s: Setup, dev_rows: int) -> dict[str, Any]:
+    return {
+        "bundle": str(s.bundle.path),
+        "precision": s.bundle.manifest.graph.get("base_precision", "fp32"),
+        "providers": s.engine.active_providers,
+        "threads": s.threads,
+        "load_s": s.load_s,
+        "train_rows": len(s.train),
+        **s.digests(dev_rows),
+    }
+
+
+def _median_after_warmup(times: Sequence[float], warmup: int = 1) -> float | None:
+    later = list(times[warmup:]) or list(times)
+    return statistics.median(later) if later else None
+
+
+# --------------------------------------------------------------------------------------------
+# Contenders
+
+
+def prge_modes(
+    bundle: str,
+    *,
+    q_values: Sequence[int] = (1, 4, 8),
+    B: int = 16,
+    steps: int = 2,
+    warmup: int = 1,
+    eps: float = 1e-2,
+    seed: int = 0,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+) -> dict[str, Any]:
+    """P-RGE batched vs sequential: the same step (same rows, same directions) both ways.
+
+    For each q, ``warmup`` untimed steps then ``steps`` timed ones; within a step the two modes
+    run back to back, in alternating order, so that load changes hit both alike.
+    """
+    from zoo_ort.estimator import evaluate_queries
+
+    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=0)
+    batches = s.batches(B, seed)
+    rows = []
+    for q in q_values:
+        times: dict[str, list[float]] = {"batched": [], "sequential": []}
+        g_diff = 0.0
+        for step in range(warmup + steps):
+            batch = batches(step)
+            order = ("batched", "sequential") if step % 2 == 0 else ("sequential", "batched")
+            g = {}
+            for mode in order:
+                t0 = time.perf_counter()
+                res = evaluate_queries(
+                    s.engine,
+                    s.params,
+                    s.frozen,
+                    batch,
+                    run_seed=seed,
+                    step=step,
+                    q=q,
+                    eps=eps,
+                    loss="candidates",
+                    mode=mode,  # type: ignore[arg-type]
+                )
+                dt = time.perf_counter() - t0
+                g[mode] = res.g
+                if step >= warmup:
+                    times[mode].append(dt)
+            g_diff = max(g_diff, float(np.max(np.abs(g["batched"] - g["sequential"]))))
+        bat, seq = statistics.median(times["batched"]), statistics.median(times["sequential"])
+        rows.append(
+            {
+                "q": q,
+                "B": B,
+                "rows_per_step": 2 * q * B,
+                "batched_s": bat,
+                "sequential_s": seq,
+                "batched_rows_per_s": 2 * q * B / bat,
+                "sequential_rows_per_s": 2 * q * B / seq,
+                "speedup": seq / bat,
+                "forwards_batched": 1,
+                "forwards_sequential": 2 * q,
+                "g_max_abs_diff": g_diff,
+                "batched_times_s": times["batched"],
+                "sequential_times_s": times["sequential"],
+            }
+        )
+    return {"method": "prge_modes", **_describe(s, 0), "rows": rows, "steps": steps}
+
+
+def zoo_train(
+    bundle: str,
+    *,
+    B: int = 16,
+    q: int = 1,
+    lr: float = 1e-2,
+    eps: float = 1e-2,
+    steps: int = 100_000,
+    time_budget_s: float | None = None,
+    eval_every: int = 0,
+    dev_rows: int = 300,
+    seed: int = 0,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+    optimizer: str = "sgd",
+) -> dict[str, Any]:
+    """Train with :func:`zoo_ort.train.train` until ``steps`` or ``time_budget_s`` of training.
+
+    The result has the PyTorch trainers' shape (``step_times_s``, ``train_loss``, ``curve`` of
+    ``{step, train_s, wall_s, dev_acc, dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the
+    steps after the first, ``phase_peak_rss_mb`` of the training phase including evaluations).
+    """
+    from zoo_ort.train import TrainConfig, train
+
+    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows)
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        eps=eps,
+        queries=q,
+        batch_size=B,
+        optimizer=optimizer,
+        seed=seed,
+        mode="batched",
+        loss="candidates",
+        save_every=0,
+        eval_every=eval_every,
+        eval_at_start=True,
+    )
+    clock = {"train_s": 0.0}
+    curve: list[dict[str, Any]] = []
+    pending: list[dict[str, float]] = []
+    step_times: list[float] = []
+    losses: list[float] = []
+
+    def evaluate(lora: dict[str, np.ndarray]) -> dict[str, float]:
+        params = {k: lora[k] for k in s.params}
+        m = _dev_eval(s, params, dev_rows)
+        pending.append(m)
+        return {"accuracy": m["dev_acc"], "loss": m["dev_loss"]}
+
+    def on_step(record: dict[str, Any]) -> None:
+        if record.get("kind") == "step":
+            clock["train_s"] += record["step_time"]
+            step_times.append(record["step_time"])
+            losses.append(record["loss"])
+        if pending:
+            curve.append(
+                {
+                    "step": record["step"],
+                    "train_s": clock["train_s"],
+                    "wall_s": time.perf_counter() - start,
+                    **pending.pop(),
+                }
+            )
+
+    def should_stop() -> bool:
+        return time_budget_s is not None and clock["train_s"] >= time_budget_s
+
+    with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir, PeakRSS() as rss:
+        start = time.perf_counter()
+        result = train(
+            s.engine,
+            s.params,
+            s.frozen,
+            s.batches(B, seed),
+            config,
+            run_dir,
+            evaluate=evaluate,
+            on_step=on_step,
+            should_stop=should_stop,
+        )
+        done = len(step_times)
+        if not curve or curve[-1]["step"] != done:
+            m = _dev_eval(s, result.params, dev_rows)
+            curve.append(
+                {"step": done, "train_s": clock["train_s"], "wall_s": time.perf_counter() - start}
+                | m
+            )
+        wall_s = time.perf_counter() - start
+    median = _median_after_warmup(step_times)
+    rows_per_step = 2 * q * B
+    return {
+        "method": "zoo_ort",
+        **_describe(s, dev_rows),
+        "config": {
+            "B": B,
+            "q": q,
+            "lr": lr,
+            "eps": eps,
+            "seed": seed,
+            "optimizer": optimizer,
+            "eval_every": eval_every,
+            "dev_rows": dev_rows,
+            "time_budget_s": time_budget_s,
+            "rank": RANK,
+            "alpha": ALPHA,
+            "targets": list(TARGETS),
+        },
+        "steps_done": done,
+        "stopped": "time_budget" if result.stopped else "steps",
+        "rows_per_step": rows_per_step,
+        "train_s": clock["train_s"],
+        "wall_s": wall_s,
+        "mean_step_s": statistics.fmean(step_times[1:]) if len(step_times) > 1 else median,
+        "median_step_s": median,
+        "first_step_s": step_times[0] if step_times else None,
+        "rows_per_s": rows_per_step / median if median else None,
+        "step_times_s": step_times,
+        "train_loss": losses,
+        "curve": curve,
+        "final": dict(curve[-1]),
+        **rss.as_dict(),
+    }
+
+
+def _ort_feeds(s: Setup, batch: Any, lora: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the engine hands ``InferenceSession.run``: token arrays and LoRA tensors, typed."""
+    dtypes = {t.name: np.dtype(t.dtype) for t in s.bundle.manifest.inputs}
+    feeds = {
+        k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in batch.arrays().items()
+    }
+    feeds.update({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in lora.items()})
+    return feeds
+
+
+def zoo_overhead(
+    bundle: str,
+    *,
+    B: int = 16,
+    q: int = 1,
+    steps: int = 6,
+    lr: float = 1e-2,
+    eps: float = 1e-2,
+    seed: int = 0,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+) -> dict[str, Any]:
+    """The trainer's step time against a bare ORT forward of the same 2·q·B rows.
+
+    The trainer is :func:`zoo_ort.train.train` itself (batch, perturbed rows, engine, scalars,
+    direction replay, update, metrics line); after each of its steps, outside its clock, the
+    same rows are fed to ``InferenceSession.run`` directly and timed, so both see the same load.
+    The first step of each is a warm-up and not counted.
+    """
+    from zoo_ort.engine import OUTPUT_NAMES
+    from zoo_ort.estimator import perturbed_lora
+    from zoo_ort.train import TrainConfig, train
+
+    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=0)
+    batches = s.batches(B, seed)
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        eps=eps,
+        queries=q,
+        batch_size=B,
+        seed=seed,
+        mode="batched",
+        loss="candidates",
+        save_every=0,
+    )
+    step_s: list[float] = []
+    ort_s: list[float] = []
+
+    def on_step(record: dict[str, Any]) -> None:
+        step = record["step"] - 1
+        step_s.append(record["step_time"])
+        tiled = batches(step).tokens.tile(2 * q)
+        lora = perturbed_lora(s.params, s.frozen, seed, step, q, eps, B)
+        feeds = _ort_feeds(s, tiled, lora)
+        t0 = time.perf_counter()
+        s.engine.session.run(OUTPUT_NAMES, feeds)
+        ort_s.append(time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir:
+        train(s.engine, s.params, s.frozen, batches, config, run_dir, on_step=on_step)
+    pairs = [a / b for a, b in zip(step_s[1:], ort_s[1:], strict=True)]
+    step_med, ort_med = _median_after_warmup(step_s), _median_after_warmup(ort_s)
+    return {
+        "method": "zoo_overhead",
+        **_describe(s, 0),
+        "config": {"B": B, "q": q, "steps": steps, "eps": eps, "seed": seed},
+        "rows_per_step": 2 * q * B,
+        "step_times_s": step_s,
+        "ort_times_s": ort_s,
+        "median_step_s": step_med,
+        "median_ort_s": ort_med,
+        "overhead": (step_med / ort_med - 1.0) if step_med and ort_med else None,
+        "median_paired_overhead": statistics.median(pairs) - 1.0 if pairs else None,
+    }
+
+
+def zoo_forward(
+    bundle: str,
+    *,
+    B: int = 16,
+    q: int = 1,
+    repeats: int = 3,
+    eps: float = 1e-2,
+    seed: int = 0,
+    dev_rows: int = 0,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+) -> dict[str, Any]:
+    """Inference only on the rows of a training step: step 0's batch tiled 2·q times with its
+    perturbed LoRA rows, through ``engine.forward``; one warm-up, then ``repeats`` timed runs.
+
+    ``phase_peak_rss_mb`` covers the forwards; with ``dev_rows`` the zero-shot dev accuracy is
+    measured afterwards (outside that phase).
+    """
+    from zoo_ort.estimator import perturbed_lora
+
+    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows)
+    rows = 2 * q * B
+    tiled = s.batches(B, seed)(0).tokens.tile(2 * q)
+    lora = perturbed_lora(s.params, s.frozen, seed, 0, q, eps, B)
+    times = []
+    with PeakRSS() as rss:
+        s.engine.forward(tiled, lora)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            s.engine.forward(tiled, lora)
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    out = {
+        "method": "zoo_forward",
+        **_describe(s, dev_rows),
+        "config": {"B": B, "q": q, "repeats": repeats, "seed": seed},
+        "rows": rows,
+        "seq_len": int(tiled.input_ids.shape[1]),
+        "times_s": times,
+        "median_s": median,
+        "rows_per_s": rows / median,
+        **rss.as_dict(),
+    }
+    if dev_rows:
+        out["zero_shot"] = _dev_eval(s, s.params, dev_rows)
+    return out
