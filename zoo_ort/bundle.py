@@ -5,7 +5,7 @@ A bundle is a folder::
     model.onnx               the graph (model.onnx.data beside it when weights are external)
     manifest.json            this module's :class:`Manifest`
     tokenizer.json           loadable by ``tokenizers.Tokenizer.from_file`` alone
-    adapter_init.safetensors the initial LoRA tensors, keyed by graph input name, without the row dim
+    adapter_init.safetensors the initial LoRA tensors by graph input name, without the row dim
 
 Reading needs the standard library and numpy only; nothing here knows torch or onnxruntime.
 """

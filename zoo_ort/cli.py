@@ -90,7 +90,7 @@ def _default_bundle_name(model: str) -> str:
     return name.removesuffix(".gguf").replace("/", "--") or "bundle"
 
 
-# -- provider flags shared by train and eval --
+# -- options shared by train and eval --
 ProviderOpt = Annotated[str, Opt("--provider", help="Execution provider (see `zoo-ort providers`)")]
 FallbackOpt = Annotated[
     str | None, Opt(help="Allow falling back to this provider (only 'cpu') if the EP fails")
@@ -98,22 +98,53 @@ FallbackOpt = Annotated[
 ProviderOptionOpt = Annotated[
     list[str] | None, Opt("--provider-option", help="Generic EP option key=value (repeatable)")
 ]
+CudaDeviceOpt = Annotated[int | None, Opt(help="CUDA: device id")]
+CudaMemOpt = Annotated[int | None, Opt(help="CUDA: arena limit in bytes")]
+QnnBackendOpt = Annotated[str | None, Opt(help="QNN: htp, cpu or gpu")]
+QnnPerfOpt = Annotated[str | None, Opt(help="QNN: HTP performance mode, e.g. burst")]
+QnnFp16Opt = Annotated[bool | None, Opt(help="QNN: run fp32 graphs in fp16 on HTP")]
+NnapiFp16Opt = Annotated[bool | None, Opt(help="NNAPI: allow fp16")]
+NnapiNchwOpt = Annotated[bool | None, Opt(help="NNAPI: use NCHW layout")]
+NnapiNoCpuOpt = Annotated[bool | None, Opt(help="NNAPI: never use the NNAPI CPU")]
+# The typed per-device flags; each is an option of the provider table (its `cli_flag`).
+PROVIDER_FLAGS = (
+    "cuda_device_id",
+    "cuda_mem_limit",
+    "qnn_backend",
+    "qnn_htp_performance_mode",
+    "qnn_fp16",
+    "nnapi_fp16",
+    "nnapi_nchw",
+    "nnapi_cpu_disabled",
+)
+BundleArg = Annotated[Path, typer.Argument(help="Bundle folder made by `zoo-ort export`")]
+TaskOpt = Annotated[str | None, Opt(help="sst2, rte, boolq, sentiment, lm, or custom")]
+DataOpt = Annotated[str | None, Opt(help="Data folder or file ('sentiment': the shipped set)")]
+ConfigOpt = Annotated[Path | None, Opt(help="TOML config (e.g. a run's config.toml); flags win")]
+EvalRowsOpt = Annotated[int | None, Opt(help="Evaluate on the first R rows (0: all)")]
+MaxLengthOpt = Annotated[int | None, Opt(help="Truncate examples to this many tokens")]
+TemplateOpt = Annotated[str | None, Opt(help="Prompt template, e.g. '{text} It was'")]
+VerbalizerOpt = Annotated[str | None, Opt(help="Label words, e.g. '0= bad,1= good'")]
+LabelFieldOpt = Annotated[str | None, Opt(help="Label column/field of custom data")]
+ThreadsOpt = Annotated[int | None, Opt(help="CPU threads for ONNX Runtime")]
 
 
-def _provider_flags(**flags: Any) -> dict[str, Any]:
+def _split_flags(given: dict[str, Any], drop: set[str]) -> dict[str, Any]:
+    """Take the typed provider flags that were given out of ``given``; also drop ``drop``."""
+    for k in drop:
+        given.pop(k, None)
+    flags = {k: given.pop(k) for k in PROVIDER_FLAGS}
     return {k: v for k, v in flags.items() if v is not None}
 
 
 # -- train --
 @app.command()
 def train(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `zoo-ort export`")],
-    task: Annotated[str | None, Opt(help="sst2, rte, boolq, sentiment, lm, or custom")] = None,
-    data: Annotated[
-        str | None, Opt(help="Data folder or file ('sentiment': the shipped set)")
-    ] = None,
+    bundle: BundleArg,
+    task: TaskOpt = None,
+    data: DataOpt = None,
     out_dir: Annotated[Path | None, Opt("--out", help="Run folder")] = None,
-    config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
+    config: ConfigOpt = None,
     resume: Annotated[bool, Opt(help="Continue from the last checkpoint in --out")] = False,
     steps: Annotated[int | None, Opt(help="Optimisation steps")] = None,
     lr: Annotated[float | None, Opt(help="Learning rate")] = None,
@@ -122,49 +153,42 @@ def train(
     batch_size: Annotated[int | None, Opt(help="Examples B per step")] = None,
     save_every: Annotated[int | None, Opt(help="Checkpoint every K steps")] = None,
     eval_every: Annotated[int | None, Opt(help="Evaluate on the dev split every K steps")] = None,
-    eval_rows: Annotated[int | None, Opt(help="Evaluate on the first R dev rows (0: all)")] = None,
+    eval_rows: EvalRowsOpt = None,
     seed: Annotated[int | None, Opt(help="Run seed (data order and directions)")] = None,
     loss: Annotated[str | None, Opt(help="candidates (MeZO) or lm (label-token loss)")] = None,
-    optimizer: Annotated[str | None, Opt(help="sgd, momentum, adam or sign")] = None,
+    optimizer: Annotated[str | None, Opt(help="sgd, adam or sign")] = None,
+    momentum: Annotated[float | None, Opt(help="Momentum (sgd, sign)")] = None,
     schedule: Annotated[str | None, Opt(help="constant, linear or cosine")] = None,
     warmup: Annotated[int | None, Opt(help="Warm-up steps")] = None,
-    weight_decay: Annotated[float | None, Opt(help="Decoupled weight decay")] = None,
+    weight_decay: Annotated[float | None, Opt(help="Weight decay")] = None,
     estimator: Annotated[
         str | None, Opt(help="batched (P-RGE: one pass of 2qB rows) or sequential (MeZO)")
     ] = None,
     row_budget: Annotated[int | None, Opt(help="Most rows per forward pass (0: no limit)")] = None,
-    max_length: Annotated[int | None, Opt(help="Truncate examples to this many tokens")] = None,
-    template: Annotated[str | None, Opt(help="Prompt template, e.g. '{text} It was'")] = None,
-    verbalizer: Annotated[str | None, Opt(help="Label words, e.g. '0= bad,1= good'")] = None,
-    label_field: Annotated[str | None, Opt(help="Label column/field of custom data")] = None,
-    threads: Annotated[int | None, Opt(help="CPU threads for ONNX Runtime")] = None,
+    max_length: MaxLengthOpt = None,
+    template: TemplateOpt = None,
+    verbalizer: VerbalizerOpt = None,
+    label_field: LabelFieldOpt = None,
+    threads: ThreadsOpt = None,
     provider: ProviderOpt = "cpu",
     fallback: FallbackOpt = None,
     provider_option: ProviderOptionOpt = None,
-    cuda_device_id: Annotated[int | None, Opt(help="CUDA: device id")] = None,
-    cuda_mem_limit: Annotated[int | None, Opt(help="CUDA: arena limit in bytes")] = None,
-    qnn_backend: Annotated[str | None, Opt(help="QNN: htp, cpu or gpu")] = None,
-    qnn_htp_performance_mode: Annotated[str | None, Opt(help="QNN: e.g. burst")] = None,
-    qnn_fp16: Annotated[bool | None, Opt(help="QNN: run fp32 graphs in fp16 on HTP")] = None,
-    nnapi_fp16: Annotated[bool | None, Opt(help="NNAPI: allow fp16")] = None,
-    nnapi_nchw: Annotated[bool | None, Opt(help="NNAPI: use NCHW layout")] = None,
-    nnapi_cpu_disabled: Annotated[bool | None, Opt(help="NNAPI: never use the NNAPI CPU")] = None,
+    cuda_device_id: CudaDeviceOpt = None,
+    cuda_mem_limit: CudaMemOpt = None,
+    qnn_backend: QnnBackendOpt = None,
+    qnn_htp_performance_mode: QnnPerfOpt = None,
+    qnn_fp16: QnnFp16Opt = None,
+    nnapi_fp16: NnapiFp16Opt = None,
+    nnapi_nchw: NnapiNchwOpt = None,
+    nnapi_cpu_disabled: NnapiNoCpuOpt = None,
 ) -> None:
     """Fine-tune a bundle's LoRA with zeroth-order P-RGE."""
     from zoo_ort import run
 
-    given = {k: v for k, v in locals().items() if k not in {"bundle", "config", "resume", "run"}}
-    flags = _provider_flags(
-        cuda_device_id=given.pop("cuda_device_id"),
-        cuda_mem_limit=given.pop("cuda_mem_limit"),
-        qnn_backend=given.pop("qnn_backend"),
-        qnn_htp_performance_mode=given.pop("qnn_htp_performance_mode"),
-        qnn_fp16=given.pop("qnn_fp16"),
-        nnapi_fp16=given.pop("nnapi_fp16"),
-        nnapi_nchw=given.pop("nnapi_nchw"),
-        nnapi_cpu_disabled=given.pop("nnapi_cpu_disabled"),
-    )
-    given["out"] = str(given.pop("out_dir")) if given.get("out_dir") else given.pop("out_dir")
+    given = dict(locals())
+    flags = _split_flags(given, {"bundle", "config", "resume", "run"})
+    out_dir = given.pop("out_dir")
+    given["out"] = str(out_dir) if out_dir else None
     cfg = run.resolve_config(bundle, given, config, provider_flags=flags, for_training=True)
     stop = _StopFlag()
     with stop, _TrainView() as view:
@@ -175,35 +199,36 @@ def train(
 # -- eval --
 @app.command(name="eval")
 def eval_(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `zoo-ort export`")],
-    adapter: Annotated[
-        Path | None, Opt(help="PEFT adapter folder [the bundle's initial LoRA]")
-    ] = None,
-    task: Annotated[str | None, Opt(help="sst2, rte, boolq, sentiment, lm, or custom")] = None,
-    data: Annotated[str | None, Opt(help="Data folder or file")] = None,
+    bundle: BundleArg,
+    adapter: Annotated[Path | None, Opt(help="PEFT adapter folder [the bundle's LoRA]")] = None,
+    task: TaskOpt = None,
+    data: DataOpt = None,
     split: Annotated[str, Opt(help="Split to evaluate")] = "dev",
-    config: Annotated[Path | None, Opt(help="TOML config (e.g. a run's config.toml)")] = None,
-    eval_rows: Annotated[int | None, Opt(help="Evaluate on the first R rows (0: all)")] = None,
-    batch_size: Annotated[int | None, Opt(help="Rows per forward pass")] = None,
-    max_length: Annotated[int | None, Opt(help="Truncate examples to this many tokens")] = None,
-    template: Annotated[str | None, Opt(help="Prompt template")] = None,
-    verbalizer: Annotated[str | None, Opt(help="Label words, e.g. '0= bad,1= good'")] = None,
-    label_field: Annotated[str | None, Opt(help="Label column/field of custom data")] = None,
-    threads: Annotated[int | None, Opt(help="CPU threads for ONNX Runtime")] = None,
+    config: ConfigOpt = None,
+    eval_rows: EvalRowsOpt = None,
+    eval_batch_size: Annotated[int | None, Opt("--batch-size", help="Rows per pass")] = None,
+    max_length: MaxLengthOpt = None,
+    template: TemplateOpt = None,
+    verbalizer: VerbalizerOpt = None,
+    label_field: LabelFieldOpt = None,
+    threads: ThreadsOpt = None,
     provider: ProviderOpt = "cpu",
     fallback: FallbackOpt = None,
     provider_option: ProviderOptionOpt = None,
-    cuda_device_id: Annotated[int | None, Opt(help="CUDA: device id")] = None,
+    cuda_device_id: CudaDeviceOpt = None,
+    cuda_mem_limit: CudaMemOpt = None,
+    qnn_backend: QnnBackendOpt = None,
+    qnn_htp_performance_mode: QnnPerfOpt = None,
+    qnn_fp16: QnnFp16Opt = None,
+    nnapi_fp16: NnapiFp16Opt = None,
+    nnapi_nchw: NnapiNchwOpt = None,
+    nnapi_cpu_disabled: NnapiNoCpuOpt = None,
 ) -> None:
     """Evaluate a bundle, optionally with a trained adapter: accuracy, or loss and perplexity."""
     from zoo_ort import run
 
-    given = {
-        k: v
-        for k, v in locals().items()
-        if k not in {"bundle", "config", "adapter", "split", "run"}
-    }
-    flags = _provider_flags(cuda_device_id=given.pop("cuda_device_id"))
+    given = dict(locals())
+    flags = _split_flags(given, {"bundle", "config", "adapter", "split", "run"})
     cfg = run.resolve_config(bundle, given, config, provider_flags=flags, for_training=False)
     with err.status("evaluating"):
         metrics = run.eval_run(cfg, adapter=adapter, split=split)
@@ -293,7 +318,8 @@ class _TrainView:
                 "train", total=self.total, completed=self.first, info=""
             )
         if kind == "step":
-            text = f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info.get('steps_per_s') or 0:.2f} it/s"
+            speed = info.get("steps_per_s") or 0.0
+            text = f"loss {info['loss']:.4f} lr {info['lr']:.2e} {speed:.2f} it/s"
             self.progress.update(self.task, completed=info["step"], info=text)
         elif kind == "eval":
             metrics = ", ".join(
