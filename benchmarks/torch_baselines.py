@@ -409,10 +409,17 @@ class _Run:
     """Timing, the dev-accuracy curve and the time budget shared by both trainers."""
 
     def __init__(
-        self, model: torch.nn.Module, data: PromptData, eval_every: int, dev_rows: int
+        self,
+        model: torch.nn.Module,
+        data: PromptData,
+        eval_every: int,
+        dev_rows: int,
+        eval_every_s: float | None = None,
     ) -> None:
         self.model, self.data = model, data
         self.eval_every, self.dev_rows = eval_every, dev_rows
+        self.eval_every_s = eval_every_s
+        self.next_eval_s = eval_every_s or 0.0
         self.start = time.perf_counter()
         self.train_s = 0.0
         self.step_times: list[float] = []
@@ -436,7 +443,12 @@ class _Run:
         self.train_s += seconds
         self.step_times.append(seconds)
         self.losses.append(loss)
-        if self.eval_every and (step + 1) % self.eval_every == 0:
+        due = bool(self.eval_every) and (step + 1) % self.eval_every == 0
+        if self.eval_every_s and self.train_s >= self.next_eval_s:
+            due = True
+            while self.next_eval_s <= self.train_s:
+                self.next_eval_s += self.eval_every_s
+        if due:
             self.eval(step + 1)
 
     def result(self, method: str, config: dict[str, Any], rows_per_step: int, stopped: str):
@@ -479,6 +491,7 @@ def mezo_torch(
     eval_every: int = 0,
     dev_rows: int = 300,
     time_budget_s: float | None = None,
+    eval_every_s: float | None = None,
 ) -> dict[str, Any]:
     """MeZO / SPSA on the model's trainable tensors (lora_B after :func:`add_lora_fa`).
 
@@ -486,13 +499,14 @@ def mezo_torch(
     θ += εz, L+ ; θ -= 2εz, L- ; θ += εz (restore); g_i = (L+ - L-)/2ε. Then θ -= lr/q·g_i·z_i
     for every i, replaying z_i from its seed -- all queries see the same θ, as in P-RGE.
     Cost: 2·q forwards of B rows per step. The dev curve is taken at step 0, every
-    ``eval_every`` steps (0: start and end only) and at the end; evaluation time is excluded
-    from ``train_s``. Stops after ``steps`` or once ``train_s`` reaches ``time_budget_s``.
+    ``eval_every`` steps (0: start and end only), whenever ``train_s`` passes another multiple
+    of ``eval_every_s`` and at the end; evaluation time is excluded from ``train_s``. Stops
+    after ``steps`` or once ``train_s`` reaches ``time_budget_s``.
     """
     params = [p for _, p in trainable_params(model)]
     config = dict(steps=steps, lr=lr, eps=eps, q=q, B=B, seed=seed, eval_every=eval_every)
-    config["dev_rows"] = dev_rows
-    run = _Run(model, data, eval_every, dev_rows)
+    config.update(dev_rows=dev_rows, eval_every_s=eval_every_s)
+    run = _Run(model, data, eval_every, dev_rows, eval_every_s)
     run.eval(0)
     stopped = "steps"
     for step in range(steps):
@@ -531,6 +545,7 @@ def first_order_torch(
     eval_every: int = 0,
     dev_rows: int = 300,
     time_budget_s: float | None = None,
+    eval_every_s: float | None = None,
 ) -> dict[str, Any]:
     """LoRA-FA with backprop and AdamW on the trainable tensors (lora_B); same loss and batches.
 
@@ -539,8 +554,8 @@ def first_order_torch(
     params = [p for _, p in trainable_params(model)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     config = dict(steps=steps, lr=lr, B=B, weight_decay=weight_decay, seed=seed)
-    config.update(eval_every=eval_every, dev_rows=dev_rows)
-    run = _Run(model, data, eval_every, dev_rows)
+    config.update(eval_every=eval_every, dev_rows=dev_rows, eval_every_s=eval_every_s)
+    run = _Run(model, data, eval_every, dev_rows, eval_every_s)
     run.eval(0)
     stopped = "steps"
     for step in range(steps):

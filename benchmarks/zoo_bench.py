@@ -1,4 +1,4 @@
-"""zoo-ort's contenders of the benchmark suite, each a function that :func:`run_in_subprocess` calls.
+"""zoo-ort's contenders of the benchmark suite, each a function for :func:`run_in_subprocess`.
 
 Every contender loads a bundle into an :class:`~zoo_ort.engine.OrtEngine`, tokenises SST-2 with
 the bundle's tokenizer and the same prompt as the PyTorch baselines (:data:`TEMPLATE`,
@@ -229,7 +229,7 @@ def setup(
     data_dir: str | None = None,
     train_limit: int | None = None,
     dev_rows: int = 300,
-    max_length: int = 128,
+    max_length: int = 256,
     provider: str = "cpu",
 ) -> Setup:
     """Load ``bundle`` into an engine and tokenise SST-2 train (first ``train_limit`` rows) and
@@ -252,11 +252,13 @@ def setup(
     return Setup(b, engine, train, dev, params, frozen, n_threads, time.perf_counter() - t0)
 
 
-def _dev_eval(s: Setup, params: dict[str, np.ndarray], dev_rows: int) -> dict[str, float]:
+def _dev_eval(
+    s: Setup, params: dict[str, np.ndarray], dev_rows: int, batch_size: int
+) -> dict[str, float]:
     from zoo_ort.evaluate import evaluate
 
     t0 = time.perf_counter()
-    m = evaluate(s.engine, params, s.frozen, s.dev, batch_size=32, limit=dev_rows)
+    m = evaluate(s.engine, params, s.frozen, s.dev, batch_size=batch_size, limit=dev_rows)
     return {
         "dev_acc": m["accuracy"],
         "dev_loss": m["candidate_loss"],
@@ -366,6 +368,7 @@ def zoo_train(
     steps: int = 100_000,
     time_budget_s: float | None = None,
     eval_every: int = 0,
+    eval_every_s: float | None = None,
     dev_rows: int = 300,
     seed: int = 0,
     threads: int | None = None,
@@ -375,13 +378,21 @@ def zoo_train(
 ) -> dict[str, Any]:
     """Train with :func:`zoo_ort.train.train` until ``steps`` or ``time_budget_s`` of training.
 
-    The result has the PyTorch trainers' shape (``step_times_s``, ``train_loss``, ``curve`` of
-    ``{step, train_s, wall_s, dev_acc, dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the
-    steps after the first, ``phase_peak_rss_mb`` of the training phase including evaluations).
+    The dev set is scored at the start, every ``eval_every`` steps, whenever the training clock
+    passes another multiple of ``eval_every_s`` and at the end, in batches of 2·q·B rows (the
+    training forward's size, so that the phase's peak RSS compares with inference on those
+    rows). For the time grid ``train()`` is asked for an evaluation after every step and the
+    callback scores the dev set only when one is due (otherwise it returns the last result at
+    no cost); evaluations are off the clock either way. The result has the PyTorch trainers'
+    shape (``step_times_s``, ``train_loss``, ``curve`` of ``{step, train_s, wall_s, dev_acc,
+    dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the steps after the first,
+    ``phase_peak_rss_mb`` of the training phase including evaluations).
     """
     from zoo_ort.train import TrainConfig, train
 
-    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows)
+    s = setup(
+        bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows
+    )
     config = TrainConfig(
         steps=steps,
         lr=lr,
@@ -393,20 +404,38 @@ def zoo_train(
         mode="batched",
         loss="candidates",
         save_every=0,
-        eval_every=eval_every,
+        eval_every=1 if eval_every_s else eval_every,
         eval_at_start=True,
     )
-    clock = {"train_s": 0.0}
+    clock = {"train_s": 0.0, "step_t0": -1.0, "next_eval_s": eval_every_s or 0.0}
+    last: dict[str, float] = {}
     curve: list[dict[str, Any]] = []
     pending: list[dict[str, float]] = []
     step_times: list[float] = []
     losses: list[float] = []
 
+    def batches(step: int) -> Any:
+        clock["step_t0"] = time.perf_counter()  # the step's clock starts just before this
+        return base_batches(step)
+
+    def due() -> bool:
+        if not eval_every_s or clock["step_t0"] < 0:
+            return True  # train() asked on the step grid, or for the initial evaluation
+        # on_step has not yet added this step's time: estimate it (off by microseconds).
+        now = clock["train_s"] + time.perf_counter() - clock["step_t0"]
+        if now < clock["next_eval_s"]:
+            return False
+        while clock["next_eval_s"] <= now:
+            clock["next_eval_s"] += eval_every_s
+        return True
+
     def evaluate(lora: dict[str, np.ndarray]) -> dict[str, float]:
-        params = {k: lora[k] for k in s.params}
-        m = _dev_eval(s, params, dev_rows)
-        pending.append(m)
-        return {"accuracy": m["dev_acc"], "loss": m["dev_loss"]}
+        if due():
+            params = {k: lora[k] for k in s.params}
+            m = _dev_eval(s, params, dev_rows, 2 * q * B)
+            pending.append(m)
+            last.update(accuracy=m["dev_acc"], loss=m["dev_loss"])
+        return dict(last)
 
     def on_step(record: dict[str, Any]) -> None:
         if record.get("kind") == "step":
@@ -426,13 +455,14 @@ def zoo_train(
     def should_stop() -> bool:
         return time_budget_s is not None and clock["train_s"] >= time_budget_s
 
+    base_batches = s.batches(B, seed)
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir, PeakRSS() as rss:
         start = time.perf_counter()
         result = train(
             s.engine,
             s.params,
             s.frozen,
-            s.batches(B, seed),
+            batches,
             config,
             run_dir,
             evaluate=evaluate,
@@ -441,7 +471,7 @@ def zoo_train(
         )
         done = len(step_times)
         if not curve or curve[-1]["step"] != done:
-            m = _dev_eval(s, result.params, dev_rows)
+            m = _dev_eval(s, result.params, dev_rows, 2 * q * B)
             curve.append(
                 {"step": done, "train_s": clock["train_s"], "wall_s": time.perf_counter() - start}
                 | m
@@ -460,6 +490,7 @@ def zoo_train(
             "seed": seed,
             "optimizer": optimizer,
             "eval_every": eval_every,
+            "eval_every_s": eval_every_s,
             "dev_rows": dev_rows,
             "time_budget_s": time_budget_s,
             "rank": RANK,
@@ -582,7 +613,9 @@ def zoo_forward(
     """
     from zoo_ort.estimator import perturbed_lora
 
-    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows)
+    s = setup(
+        bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows
+    )
     rows = 2 * q * B
     tiled = s.batches(B, seed)(0).tokens.tile(2 * q)
     lora = perturbed_lora(s.params, s.frozen, seed, 0, q, eps, B)
@@ -606,5 +639,5 @@ def zoo_forward(
         **rss.as_dict(),
     }
     if dev_rows:
-        out["zero_shot"] = _dev_eval(s, s.params, dev_rows)
+        out["zero_shot"] = _dev_eval(s, s.params, dev_rows, rows)
     return out

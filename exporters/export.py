@@ -36,8 +36,15 @@ from zoo_ort.errors import ZooError
 from zoo_ort.io import save_tensors
 
 from .architectures import Architecture, architecture
-from .graph import OPSET, ScoringModel, Shapes, export_graph
+from .graph import OPSET, ScoringModel, Shapes, export_graph, forget_last_graph
 from .lora import MODES, find_sites, initial_tensors, lora_sites, wrap_sites
+from .mobile import (
+    NPU_INPUTS,
+    export_npu_graph,
+    finish_target,
+    initial_lora_feeds,
+    make_npu_scoring,
+)
 from .quantize import quantize_int8
 from .sources import load_config, load_model, load_tokenizer, meta_model, resolve
 from .tokenizer import write_tokenizer
@@ -49,11 +56,12 @@ QUANTIZE_KNOWN = ("int8",)
 DEFAULT_RANK = 8
 DEFAULT_CANDIDATES = 2  # static graphs: two label words (binary classification)
 
-# Training defaults for models without a recipe; a recipe's [train] table overrides them.
+# Training defaults for models without a recipe (the recipes' tuned values, see
+# models/smollm2-135m.toml); a recipe's [train] table overrides them.
 DEFAULT_TRAINING: dict[str, Any] = {
-    "lr": 1e-3,
+    "lr": 1e-2,
     "eps": 1e-2,
-    "queries": 4,
+    "queries": 1,
     "batch_size": 16,
     "steps": 1000,
     "eval_every": 100,
@@ -88,8 +96,8 @@ def export_bundle(
     shared and frozen, B per row) or "full" (A and B per row). ``rows`` and ``seq_len`` together
     fix N and T (static shapes, for NPUs); then the number of target slots K defaults to T
     (``targets``) and the number of candidates C to the recipe's ``[static] candidates`` (else 2).
-    ``quantize="int8"`` stores the base weights as int8 (LoRA stays fp32). ``target`` (an NPU
-    family) is recorded in the manifest. Returns ``out``.
+    ``quantize="int8"`` stores the base weights as int8, weight-only (LoRA stays fp32).
+    ``target`` (an NPU family) is recorded in the manifest. Returns ``out``.
     """
     say = progress or (lambda _message: None)
     out = Path(out).expanduser()
@@ -120,14 +128,18 @@ def export_bundle(
         say(f"exporting the graph ({len(sites)} LoRA sites, mode {mode}, rank {rank})")
         fp32_dir = stage / "fp32" if quantize else stage
         fp32_dir.mkdir(exist_ok=True)
-        _export(hf_model, arch, sites, specs, init, rank, alpha, shapes, config, fp32_dir)
+        _export(hf_model, arch, sites, specs, init, rank, alpha, shapes, config, fp32_dir, target)
+        _release_weights(hf_model)
         del hf_model
-        gc.collect()  # the torch weights are no longer needed; free them before quantizing
         if quantize == "int8":
             say("quantizing base weights to int8")
             quantize_int8(fp32_dir / GRAPH_FILE, stage / GRAPH_FILE)
             shutil.rmtree(fp32_dir)
         graph_info = _graph_info(stage, quantize, target)
+        if target is not None:  # NPU graph: host-built inputs, and model.ort for NNAPI
+            lora_feeds = initial_lora_feeds(specs, init, shapes.rows)
+            vocab = int(config.vocab_size)
+            graph_info |= finish_target(stage, GRAPH_FILE, target, vocab, shapes, lora_feeds)
         save_tensors(stage / ADAPTER_INIT, init, metadata={"seed": str(seed), "mode": mode})
         manifest = Manifest(
             source=source.describe(),
@@ -141,7 +153,7 @@ def export_bundle(
                 fan_in_fan_out=arch.fan_in_fan_out,
                 sites=specs,
             ),
-            inputs=_input_specs(specs, shapes),
+            inputs=_input_specs(specs, shapes, target),
             outputs=[_static_spec(s, shapes) for s in OUTPUTS],
             tokenizer=tokenizer_info,
             adapter_init=ADAPTER_INIT,
@@ -150,7 +162,7 @@ def export_bundle(
         )
         _check_graph_io(stage / GRAPH_FILE, manifest)
         write_manifest(stage, manifest)
-        say(f"bundle written to {out}")
+    say(f"bundle written to {out}")
     return out
 
 
@@ -187,6 +199,10 @@ def _check_options(
         raise ZooError(f"unknown quantization {quantize!r}; choose one of: {QUANTIZE_KNOWN}")
     if target not in (None, *TARGETS_KNOWN):
         raise ZooError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS_KNOWN)}")
+    if target is not None and rows is None:
+        raise ZooError(f"target {target} needs static shapes; give rows and seq_len")
+    if target is not None and quantize is not None:
+        raise ZooError(f"target {target} sets its own precision; drop quantize={quantize!r}")
     if dtype != "float32":
         raise ZooError(
             f"dtype {dtype!r} is not supported; export float32 (use quantize='int8' for a "
@@ -242,9 +258,13 @@ def _export(
     shapes: Shapes,
     config: Any,
     folder: Path,
+    target: str | None = None,
 ) -> None:
     context = wrap_sites(hf_model, sites, alpha / rank)
-    scoring = ScoringModel(hf_model, arch, context).eval()
+    if target is not None:
+        scoring = make_npu_scoring(hf_model, arch, context, shapes.seq_len).eval()
+    else:
+        scoring = ScoringModel(hf_model, arch, context).eval()
     generator = torch.Generator().manual_seed(0)
     example, names, per_row = [], [], []
     for spec in specs:
@@ -263,6 +283,11 @@ def _export(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            if target is not None:
+                export_npu_graph(
+                    scoring, example, names, shapes, config.vocab_size, folder / GRAPH_FILE
+                )
+                return
             export_graph(
                 scoring,
                 example,
@@ -274,6 +299,19 @@ def _export(
             )
         finally:
             registration.setLevel(level)
+
+
+def _release_weights(model: torch.nn.Module) -> None:
+    """Free the torch weights now that the graph is on disk (before int8 quantization loads it).
+
+    Dropping our reference is not enough while onnxscript's rewriter still holds the exported
+    graph (see ``forget_last_graph``); emptying the parameters frees what it cannot reach.
+    """
+    forget_last_graph()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    gc.collect()
 
 
 def _architecture_info(config: Any, hf_model: torch.nn.Module) -> dict[str, Any]:
@@ -324,8 +362,8 @@ def _static_dims(shapes: Shapes) -> dict[str, int]:
     }
 
 
-def _input_specs(specs: list, shapes: Shapes) -> list[TensorSpec]:
-    inputs = list(TOKEN_INPUTS)
+def _input_specs(specs: list, shapes: Shapes, target: str | None = None) -> list[TensorSpec]:
+    inputs = list(NPU_INPUTS if target is not None else TOKEN_INPUTS)
     for site in specs:
         for which, tensor in (("A", site.A), ("B", site.B)):
             shape: list[int | str] = [ROWS, *tensor.shape] if tensor.per_row else list(tensor.shape)
@@ -355,12 +393,15 @@ def _staging(out: Path) -> Iterator[Path]:
     for folder in reversed(created):
         folder.mkdir()
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
         yield stage
         old = None
         if out.exists():  # an empty folder, or overwrite=True: swap it out, then delete it
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=stage.parent))
             os.replace(out, old / out.name)
+        for file in stage.iterdir():  # some writers create private (0600) files
+            file.chmod(0o644)
         os.replace(stage, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -5,11 +5,14 @@ SmolLM2-135M against the TorchScript exporter (``dynamo=False``), which is depre
 faster to export: both graphs give the same losses (1e-5) and run equally fast in ONNX Runtime,
 but dynamo keeps tied embeddings as one initializer (526 MB of weights instead of 637 MB),
 writes external data as it goes, and peaks at 1.1 GB RSS where TorchScript needed 2.9 GB.
+``optimize=True`` (onnxscript's optimizer) pre-folds constants such as transposed weights, so
+ONNX Runtime loads the SmolLM2 graph in 585 MB RSS instead of 666 MB, and faster.
 optimum is not used: optimum-onnx pins transformers<4.58 and knows nothing of per-row LoRA.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,3 +139,24 @@ def export_graph(
             optimize=True,
             verbose=False,
         )
+    forget_last_graph()
+
+
+def forget_last_graph() -> None:
+    """Drop the exported graph that onnxscript's rewriter keeps alive after ``optimize=True``.
+
+    Its pattern matchers are module-level rule objects that remember the last graph (and node)
+    they matched; that graph holds every torch parameter of the exported model, so without this
+    the weights outlive the export (0.4 GB for SmolLM2-135M). Each match re-initialises these
+    attributes, so clearing them is safe; if onnxscript changes, this merely stops helping.
+    """
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_current_node", "_match"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
+    gc.collect()

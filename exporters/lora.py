@@ -65,23 +65,27 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list of target names: the module path equals or ends with ``.target``."""
+    return name == target or name.endswith(f".{target}")
+
+
 def find_sites(model: nn.Module, targets: list[str]) -> list[Site]:
-    """The linear modules whose last name component is one of ``targets``, in model order.
+    """The linear modules matching ``targets`` (as PEFT matches them), in model order.
 
     Works on a meta-device model too (only shapes are read), so callers can validate the targets
     before loading any weights.
     """
     linear = [(name, m) for name, m in model.named_modules() if name and _is_linear(m)]
     sites = [
-        Site(name, *_features(m)) for name, m in linear if name.rsplit(".", 1)[-1] in set(targets)
+        Site(name, *_features(m)) for name, m in linear if any(_matches(name, t) for t in targets)
     ]
-    found = {s.module.rsplit(".", 1)[-1] for s in sites}
-    missing = [t for t in targets if t not in found]
+    missing = [t for t in targets if not any(_matches(s.module, t) for s in sites)]
     if missing:
         available = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
         raise ZooError(
-            f"LoRA target module(s) {', '.join(missing)} not found in the model; "
-            f"its linear modules are: {', '.join(available)}"
+            f"LoRA target module(s) {', '.join(missing)} not found among the model's linear "
+            f"modules: {', '.join(available)}"
         )
     return sites
 

@@ -94,11 +94,17 @@ def resolve(model: str) -> Source:
             raise ZooError(f"{path}: not a Hugging Face model folder (no config.json)")
         return Source(model, "folder", str(path.resolve()))
     looks_like_path = model.startswith((".", "/", "~")) or model.lower().endswith(".gguf")
-    if looks_like_path or not _HUB_ID.match(model) or model.count("/") != 1:
-        raise ZooError(
-            f"unknown model {model!r}: not a recipe ({', '.join(list_recipes())}), "
-            f"an existing folder or .gguf file, or a hub id like org/name"
-        )
+    unknown = ZooError(
+        f"unknown model {model!r}: not a recipe ({', '.join(list_recipes())}), "
+        f"an existing folder or .gguf file, or a hub id like org/name"
+    )
+    if looks_like_path or not _HUB_ID.match(model):
+        raise unknown
+    if "/" not in model:  # a legacy bare hub id ("distilgpt2") only if cached, else likely a typo
+        try:
+            return _hub_source(model, model, "hub")
+        except ZooError:
+            raise unknown from None
     return _hub_source(model, model, "hub")
 
 

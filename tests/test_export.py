@@ -187,24 +187,28 @@ def test_int8_base_keeps_lora_live(tmp_path, tiny_model_dir, tiny_bundle):
 
     out = export_bundle(str(tiny_model_dir("llama")), tmp_path / "int8", rank=4, quantize="int8")
     int8, fp32 = OrtRunner(out), OrtRunner(tiny_bundle)
-    assert int8.bundle.manifest.graph["base_precision"] == "int8"
-    ops = {n.op_type for n in onnx.load(str(int8.bundle.model_path)).graph.node}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    manifest = int8.bundle.manifest
+    assert manifest.graph["base_precision"] == "int8"
+    graph = onnx.load(str(int8.bundle.model_path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in ops, ops
+    # The LoRA tensors stay fp32 graph inputs feeding plain MatMuls.
+    lora_names = {t.input for t in manifest.lora_tensors()}
+    assert lora_names <= {i.name for i in graph.input}
+    consumers = {n.op_type for n in graph.node for x in n.input if x in lora_names}
+    assert consumers == {"MatMul"}, consumers
 
-    examples = _examples(seed=9)
+    examples = random_examples(np.random.default_rng(9), VOCAB, [6, 9, 4, 7] * 4, 3, 2)
     batch = pad(examples, "left")
     lora = random_lora(int8.bundle, batch.rows, np.random.default_rng(10))
     zero = {k: (0 * v if k.endswith("lora_B") else v) for k, v in lora.items()}
-    q_loss, _ = int8(batch, lora)
-    q_base, _ = int8(batch, zero)
-    f_loss, _ = fp32(batch, lora)
-    f_base, _ = fp32(batch, zero)
-    real = [0, 1, 3]
-    np.testing.assert_allclose(q_loss[real], f_loss[real], atol=0.05)
-    # The LoRA moves the int8 losses as it moves the fp32 ones.
-    q_delta, f_delta = (q_loss - q_base)[real], (f_loss - f_base)[real]
-    assert np.abs(f_delta).min() > 1e-2
-    np.testing.assert_allclose(q_delta, f_delta, rtol=0.2, atol=5e-3)
+    q_loss, q_base = int8(batch, lora)[0], int8(batch, zero)[0]
+    f_loss, f_base = fp32(batch, lora)[0], fp32(batch, zero)[0]
+    assert np.abs(q_loss - f_loss).max() < 0.02  # losses are ~6 nats
+    # The adapters move every int8 loss, and the way they move the fp32 ones.
+    q_delta, f_delta = q_loss - q_base, f_loss - f_base
+    assert np.abs(q_delta).min() > 1e-3
+    assert np.corrcoef(q_delta, f_delta)[0, 1] > 0.9
 
 
 def test_static_shapes_match_dynamic(tmp_path, tiny_model_dir, tiny_bundle):

@@ -54,12 +54,70 @@ def _dims_problem(where: str, graph: Sequence[Any], want: Sequence[Any], static:
     return ""
 
 
+NPU_SCHEME = "npu-v1"
+NPU_INPUT_NAMES = (
+    "input_ids",
+    "attention_bias",
+    "position_ids",
+    "target_select",
+    "target_index",
+    "target_weight",
+    "candidate_index",
+)
+MASKED = -1e4  # additive bias of a masked key; finite, so fp16 NPUs see no inf - inf
+
+
+def npu_inputs(feeds: Mapping[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
+    """The host-built graph inputs of an NPU bundle (scheme "npu-v1") from a padded token batch.
+
+    Mask, positions, target selection and loss weights are computed here with numpy instead of
+    in the graph, because the mobile EPs (NNAPI, CoreML) cannot run the ops that build them.
+    """
+    mask = np.asarray(feeds["attention_mask"]).astype(bool)
+    n, t = mask.shape
+    target_pos = np.asarray(feeds["target_pos"], np.int64)
+    k = target_pos.shape[1]
+    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
+    allowed = np.tril(np.ones((t, t), dtype=bool))[None] & mask[:, None, :]
+    bias = np.where(allowed, np.float32(0), np.float32(MASKED)).astype(np.float32)[:, None]
+    select = np.zeros((n, k, t), np.float32)
+    np.put_along_axis(select, target_pos[..., None], 1.0, axis=-1)
+    base = (np.arange(n)[:, None] * k + np.arange(k)[None, :]) * vocab_size  # [N, K]
+    target_mask = np.asarray(feeds["target_mask"], np.float32)
+    count = np.maximum(target_mask.sum(-1, keepdims=True), 1.0)
+    candidates = np.asarray(feeds["candidate_ids"], np.int64)
+    return {
+        "input_ids": np.asarray(feeds["input_ids"], np.int64),
+        "attention_bias": bias,
+        "position_ids": positions,
+        "target_select": select,
+        "target_index": base + np.asarray(feeds["target_ids"], np.int64),
+        "target_weight": (-target_mask / count).astype(np.float32),
+        "candidate_index": base[..., None] + candidates[:, None, :],
+    }
+
+
+def _host_scheme(manifest: Manifest) -> dict[str, Any] | None:
+    scheme = manifest.graph.get("host_inputs")
+    if scheme is None:
+        return None
+    if scheme.get("scheme") != NPU_SCHEME or not manifest.static:
+        raise ZooError(
+            f"bundle's graph wants host inputs {scheme.get('scheme')!r}, which this zoo-ort "
+            f"builds only for static bundles of scheme {NPU_SCHEME!r}; re-export the bundle"
+        )
+    return dict(scheme)
+
+
 def check_graph(manifest: Manifest, session: ort.InferenceSession) -> None:
     """Raise ZooError unless the session's inputs and outputs are the manifest's."""
     static = dict(manifest.static or {})
     problems: list[str] = []
     declared = {t.name: t for t in manifest.inputs}
-    for required in TOKEN_INPUTS:
+    required_inputs = TOKEN_INPUTS
+    if _host_scheme(manifest) is not None:
+        required_inputs = [TensorSpec(name, "", []) for name in NPU_INPUT_NAMES]
+    for required in required_inputs:
         if required.name not in declared:
             problems.append(f"the manifest lists no input {required.name}")
     for lora in manifest.lora_tensors():
@@ -166,6 +224,7 @@ class OrtEngine:
         self._lora = {t.input: t for t in self.manifest.lora_tensors()}
         self._dtypes = {t.name: np.dtype(t.dtype) for t in self.manifest.inputs}
         self._static = dict(self.manifest.static or {})
+        self._host = _host_scheme(self.manifest)
         tok = self.manifest.tokenizer
         pad = next(
             (tok.get(k) for k in ("pad_token_id", "eos_token_id") if tok.get(k) is not None), 0
@@ -287,6 +346,9 @@ class OrtEngine:
                 name: (np.ascontiguousarray(a[rows]) if name in per_row else a)
                 for name, a in padded.items()
             }
+            if self._host is not None:
+                tokens = {i.name: chunk.pop(i.name) for i in TOKEN_INPUTS}
+                chunk.update(npu_inputs(tokens, int(self._host["vocab_size"])))
             loss, cand = self._run(chunk)
             losses.append(loss[: len(real)])
             cands.append(cand[: len(real), :k, :c])

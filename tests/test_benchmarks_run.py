@@ -1,0 +1,156 @@
+"""`python -m benchmarks.run --quick` end to end on a tiny random model (about a minute).
+
+No assertion is about time: the run must finish, write its files and tables, feed every side
+the same tokens, and its ratio logic must be right on hand-made curves.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks import zoo_bench  # noqa: E402
+
+DATA = REPO_ROOT.parent / "shared" / "data" / "sst2"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/sst2")
+
+
+def test_zoo_side_uses_the_baselines_prompt_and_batches():
+    from benchmarks import torch_baselines as tb
+
+    assert zoo_bench.TEMPLATE == tb.TEMPLATE
+    assert tuple(zoo_bench.VERBALIZER.values()) == tb.CANDIDATES
+    assert tuple(zoo_bench.TARGETS) == tuple(tb.DEFAULT_TARGETS)
+    data = tb.PromptData(
+        train_ids=[np.arange(3)] * 50,
+        train_labels=np.zeros(50, np.int64),
+        dev_ids=[],
+        dev_labels=np.zeros(0, np.int64),
+        candidate_ids=(1, 2),
+        pad_id=0,
+    )
+    for step in (0, 1, 7):
+        got = zoo_bench.train_indices(50, 3, step, 16)
+        assert np.array_equal(got, data.train_indices(3, step, 16))
+
+
+def test_time_to_reach_and_headline_ratios():
+    curve = [
+        {"step": 0, "train_s": 0.0, "dev_acc": 0.5},
+        {"step": 10, "train_s": 30.0, "dev_acc": 0.6},
+        {"step": 20, "train_s": 60.0, "dev_acc": 0.7},
+    ]
+    assert bench_run.time_to_reach(curve, 0.6) == 30.0
+    assert bench_run.time_to_reach(curve, 0.65) == 60.0
+    assert bench_run.time_to_reach(curve, 0.8) is None
+
+    def trainer(step_s, train_curve, rss):
+        return {
+            "median_step_s": step_s,
+            "curve": train_curve,
+            "phase_peak_rss_mb": rss,
+            "rows_per_step": 32,
+            "rows_per_s": 32 / step_s,
+        }
+
+    fast = [dict(c, train_s=c["train_s"] / 4) for c in curve]
+    res = {
+        "train": {
+            "mezo_torch": trainer(3.0, curve, 1000.0),
+            "zoo_fp32": trainer(1.0, fast, 600.0),
+            "first_order_torch": trainer(3.0, curve, 1500.0),
+        },
+        "forward": {"fp32": {"phase_peak_rss_mb": 550.0}},
+        "overhead": {
+            "fp32": {
+                "median_step_s": 1.02,
+                "median_ort_s": 1.0,
+                "overhead": 0.02,
+                "median_paired_overhead": 0.02,
+            }
+        },
+    }
+    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    speed = rows["steps/s vs MeZO-torch (fp32 base)"]
+    assert speed["ratio"] == "3.00x" and speed["met"] == "yes"
+    reach = next(r for m, r in rows.items() if m.startswith("time to MeZO-torch's best"))
+    assert reach["ratio"] == "4.00x" and reach["met"] == "yes"
+    rss = rows["peak RSS, training / inference on the same rows (fp32)"]
+    assert rss["ratio"] == "1.09x" and rss["met"] == "yes"
+    fo = rows["peak RSS while training vs first-order torch (fp32)"]
+    assert fo["ratio"] == "0.40x" and fo["met"] == "yes"
+    ovh = rows["trainer step vs bare ORT forward of the same rows (fp32, median of paired ratios)"]
+    assert ovh["ratio"] == "+2.0%" and ovh["met"] == "yes"
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    # A training budget (1 s of training clock each) exercises the full mode's path: stop on
+    # the clock, dev evaluations on a grid of training seconds.
+    argv = ["--quick", "--budget", "1", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    rc = bench_run.main(argv)
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert rc == 0, res.get("errors")
+    assert not res["errors"]
+    for name in ("results.md", "accuracy.png", "loss.png", "memory.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (out / "results.md").read_text()
+    for title in (
+        "## Targets (ratios from this run)",
+        "## Training under the same wall-clock budget",
+        "## P-RGE: one forward of 2qB rows vs 2q forwards of B rows",
+        "## Base precision",
+        "## Trainer overhead",
+    ):
+        assert title in md and title in printed, title
+    assert "Machine: " in md and "onnxruntime" in md
+    assert "token hashes match" in md
+
+    # Every side saw the same tokens; every contender ran with all cores and produced a curve.
+    assert res["same_data"] is True
+    train = res["train"]
+    assert set(train) >= {"mezo_torch", "zoo_fp32", "zoo_int8", "first_order_torch"}
+    for key, r in train.items():
+        assert r["stopped"] == "time_budget" and r["train_s"] >= 1.0, key
+        assert r["threads"] == res["plan"]["threads"], key
+        curve = r["curve"]
+        assert curve[0]["step"] == 0 and curve[-1]["step"] == r["steps_done"], key
+        steps = [c["step"] for c in curve]
+        assert len(steps) >= 2 and steps == sorted(set(steps)), key
+        # Grid points are where the training clock first passed 0.5 s, 1.0 s, ...
+        for c in curve[1:-1]:
+            assert c["train_s"] >= 0.5, key
+        assert all(0.0 <= c["dev_acc"] <= 1.0 for c in curve), key
+        assert len(r["step_times_s"]) == len(r["train_loss"]) == r["steps_done"], key
+        assert r["phase_peak_rss_mb"] > 0 and r["median_step_s"] > 0, key
+    assert res["train"]["zoo_fp32"]["rows_per_step"] == 2 * res["plan"]["q"] * res["plan"]["B"]
+
+    # Batched and sequential P-RGE fed the engine the same rows: same projected gradients.
+    prge = res["prge"]["rows"]
+    assert [r["q"] for r in prge] == [1, 4, 8]
+    assert all(r["g_max_abs_diff"] < 1e-3 for r in prge)
+    assert all(r["forwards_sequential"] == 2 * r["q"] for r in prge)
+    # The quantized bundles really are quantized and were timed.
+    assert res["bundles"]["bundles"].keys() >= {"fp32", "int8"}
+    for precision in res["bundles"]["bundles"]:
+        assert res["forward"][precision]["precision"] == precision
+        assert res["overhead"][precision]["median_ort_s"] > 0
+    measures = [r["measure"] for r in res["ratios"]]
+    assert any(m.startswith("steps/s vs MeZO-torch (fp32") for m in measures)
+    assert any(m.startswith("trainer step vs bare ORT forward") for m in measures)
