@@ -40,7 +40,7 @@ def export(
         str, typer.Argument(help="Recipe name, Hugging Face hub id, model folder or .gguf")
     ],
     out_dir: Annotated[Path | None, Opt("--out", help="Bundle folder [models/<name>]")] = None,
-    rank: Annotated[int, Opt(help="LoRA rank r")] = 8,
+    rank: Annotated[int | None, Opt(help="LoRA rank r [the recipe's, else 8]")] = None,
     alpha: Annotated[float | None, Opt(help="LoRA alpha [2·rank]")] = None,
     targets: Annotated[
         str | None, Opt(help="Comma-separated target modules [per architecture: q and v]")
@@ -51,8 +51,10 @@ def export(
     rows: Annotated[int | None, Opt(help="Fixed row count N (static-shape graph)")] = None,
     seq_len: Annotated[int | None, Opt(help="Fixed sequence length T (static-shape graph)")] = None,
     int8: Annotated[
-        bool, Opt("--int8", help="Dynamic int8 base; the LoRA path stays fp32")
+        bool, Opt("--int8", help="Weight-only int8 base (MatMulNBits); LoRA stays fp32")
     ] = False,
+    slots: Annotated[int | None, Opt(help="Static graphs: scored positions K [T]")] = None,
+    candidates: Annotated[int | None, Opt(help="Static graphs: candidate tokens C [2]")] = None,
     target: Annotated[str | None, Opt(help="Device target: nnapi, qnn or coreml")] = None,
     overwrite: Annotated[bool, Opt(help="Replace a non-empty --out folder")] = False,
     seed: Annotated[int, Opt(help="Seed of LoRA A's initialisation")] = 0,
@@ -76,6 +78,8 @@ def export(
             mode=mode,
             rows=rows,
             seq_len=seq_len,
+            targets=slots,
+            candidates=candidates,
             quantize="int8" if int8 else None,
             target=target,
             overwrite=overwrite,
