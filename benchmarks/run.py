@@ -1,6 +1,6 @@
 """The benchmark suite in one command: zoo-ort against MeZO in PyTorch and first-order LoRA.
 
-    python -m benchmarks.run            # SmolLM2-135M on SST-2, about 35-40 minutes on 2 cores
+    python -m benchmarks.run            # SmolLM2-135M on SST-2, about 75 minutes on 2 cores
     python -m benchmarks.run --quick    # a tiny random model, a minute or two (CI)
 
 Every contender runs in its own process (its peak RSS is its own), all with every core
@@ -95,9 +95,9 @@ FULL = Plan(
     eps=1e-2,
     dev_rows=300,
     train_limit=None,
-    budget_s=240.0,
+    budget_s=600.0,
     train_steps=100_000,
-    evals_per_run=4,
+    evals_per_run=5,
     prge_q=(1, 4, 8),
     prge_B=8,
     prge_steps=2,
@@ -117,18 +117,30 @@ class Runner:
     def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s
         self.errors: dict[str, str] = {}
+        self.load: list[dict[str, Any]] = []  # the machine's load around each contender
 
     def __call__(self, name: str, func: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         _say(f"{name} ...")
         t0 = time.perf_counter()
+        before = _loadavg()
         try:
             result = run_in_subprocess(func, kwargs, timeout_s=self.timeout_s)
         except Exception as e:  # a failed contender must not lose the others' results
             self.errors[name] = f"{type(e).__name__}: {e}"
             _say(f"{name} FAILED: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
             return None
+        finally:
+            self.load.append({"contender": name, "before": before, "after": _loadavg()})
         _say(f"{name} done in {time.perf_counter() - t0:.0f} s")
         return result
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average: above the core count, contenders shared the CPU."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +167,7 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
     )
     if prep is None or "fp32" not in prep["bundles"]:
         res["errors"] = run.errors
+        res["load"] = run.load
         return res
     res["bundles"] = prep
     bundles: dict[str, str] = prep["bundles"]
@@ -254,6 +267,7 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
         ),
     )
     res["errors"] = run.errors
+    res["load"] = run.load
     res["total_wall_s"] = time.perf_counter() - started
     return res
 
@@ -521,12 +535,21 @@ def overhead_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 "rows/step": r["rows_per_step"],
                 "timed steps": len(r["step_times_s"]) - 1,
                 "trainer step s (median)": r["median_step_s"],
-                "bare ORT run s (median)": r["median_ort_s"],
+                "bare ORT runs s (median, same forwards)": r["median_ort_s"],
                 "overhead (medians)": _pct(r["overhead"]),
                 "overhead (paired median)": _pct(r["median_paired_overhead"]),
+                "forwards/step (length groups)": _forwards(r.get("forwards_per_step")),
+                "one padded forward s (median)": r.get("median_single_forward_s"),
+                "length grouping speedup": _x(r.get("grouping_speedup")),
             }
         )
     return rows
+
+
+def _forwards(counts: Sequence[int] | None) -> str | None:
+    if not counts:
+        return None
+    return f"{min(counts)}-{max(counts)}" if min(counts) != max(counts) else str(counts[0])
 
 
 def same_data_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -562,6 +585,21 @@ def machine_line(m: dict[str, Any]) -> str:
         f"{f', {ram / 1024:.0f} GiB RAM' if ram else ''}, {m.get('os')}; Python {m.get('python')}, "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val)
     )
+
+
+def load_line(res: dict[str, Any]) -> str:
+    loads = [x for r in res.get("load", []) for x in (r["before"], r["after"]) if x is not None]
+    if not loads:
+        return ""
+    cores = res["machine"].get("cpu_count") or 1
+    line = f"1-minute load average around the contenders: {min(loads):.1f} to {max(loads):.1f}"
+    # A contender itself keeps about `cores` threads busy; more than that is someone else.
+    if max(loads) > cores + 0.5:
+        line += (
+            f" on {cores} cores: **other work shared the CPU during this run, so absolute "
+            "times and the ratios between contenders run minutes apart are noisy**"
+        )
+    return line + "."
 
 
 def tables(res: dict[str, Any]) -> list[tuple[str, str]]:
@@ -696,7 +734,7 @@ def report(res: dict[str, Any], pngs: Sequence[str], command: str) -> str:
         f"{plan['lr_fo']}; {budget}; {plan['threads']} threads for ORT and torch.",
         "",
         f"Machine: {machine_line(res['machine'])}. Taken {res['machine'].get('time_utc')}, "
-        f"total {res.get('total_wall_s', 0) / 60:.1f} min.",
+        f"total {res.get('total_wall_s', 0) / 60:.1f} min. {load_line(res)}",
         "",
         "Same prompt, label words, loss, initial adapter and training rows on every side: "
         + ("token hashes match." if same_data(res) else "**token hashes differ, see below**."),

@@ -541,11 +541,14 @@ def zoo_overhead(
 
     The trainer is :func:`zoo_ort.train.train` itself (batch, perturbed rows, engine, scalars,
     direction replay, update, metrics line); after each of its steps, outside its clock, the
-    same rows are fed to ``InferenceSession.run`` directly and timed, so both see the same load.
-    The first step of each is a warm-up and not counted.
+    same rows are fed to ``InferenceSession.run`` directly and timed, so both see the same load:
+    once as the engine splits them (its length groups, the overhead reference) and once as a
+    single padded forward (what length grouping saves). The first step of each is a warm-up and
+    not counted.
     """
     from zoo_ort.engine import OUTPUT_NAMES
     from zoo_ort.estimator import perturbed_lora
+    from zoo_ort.padding import length_groups, row_widths, take_trimmed
     from zoo_ort.train import TrainConfig, train
 
     s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=0)
@@ -562,22 +565,41 @@ def zoo_overhead(
         save_every=0,
     )
     step_s: list[float] = []
-    ort_s: list[float] = []
+    ort_s: list[float] = []  # the engine's forwards, bare
+    single_s: list[float] = []  # one padded forward of all rows, bare
+    forwards: list[int] = []
+    per_row = {t.input for t in s.bundle.manifest.lora_tensors() if t.per_row}
 
     def on_step(record: dict[str, Any]) -> None:
         step = record["step"] - 1
         step_s.append(record["step_time"])
         tiled = batches(step).tokens.tile(2 * q)
         lora = perturbed_lora(s.params, s.frozen, seed, step, q, eps, B)
+        widths = row_widths(tiled)
+        groups = length_groups(widths, s.engine.length_groups, s.engine.group_call_cost)
+        parts = [
+            _ort_feeds(
+                s,
+                take_trimmed(tiled, rows, widths),
+                {k: v[rows] if k in per_row else v for k, v in lora.items()},
+            )
+            for rows in groups
+        ]
+        t0 = time.perf_counter()
+        for feeds in parts:
+            s.engine.session.run(OUTPUT_NAMES, feeds)
+        ort_s.append(time.perf_counter() - t0)
         feeds = _ort_feeds(s, tiled, lora)
         t0 = time.perf_counter()
         s.engine.session.run(OUTPUT_NAMES, feeds)
-        ort_s.append(time.perf_counter() - t0)
+        single_s.append(time.perf_counter() - t0)
+        forwards.append(len(groups))
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir:
         train(s.engine, s.params, s.frozen, batches, config, run_dir, on_step=on_step)
     pairs = [a / b for a, b in zip(step_s[1:], ort_s[1:], strict=True)]
     step_med, ort_med = _median_after_warmup(step_s), _median_after_warmup(ort_s)
+    single_med = _median_after_warmup(single_s)
     return {
         "method": "zoo_overhead",
         **_describe(s, 0),
@@ -589,6 +611,10 @@ def zoo_overhead(
         "median_ort_s": ort_med,
         "overhead": (step_med / ort_med - 1.0) if step_med and ort_med else None,
         "median_paired_overhead": statistics.median(pairs) - 1.0 if pairs else None,
+        "single_forward_times_s": single_s,
+        "median_single_forward_s": single_med,
+        "forwards_per_step": forwards,
+        "grouping_speedup": (single_med / ort_med) if single_med and ort_med else None,
     }
 
 

@@ -13,3 +13,18 @@ def test_embedding_example_trains_its_own_engine():
     result = module.main()
     assert result["before"] < 0.65
     assert result["after"] > 0.75
+
+
+def test_sst2_example_config_resolves(tiny_bundle):
+    """The SST-2 run's published settings load as a config and win over the recipe's."""
+    from zoo_ort.run import resolve_config
+
+    config = EXAMPLE.parent / "sst2-prge.toml"
+    cfg = resolve_config(tiny_bundle, {"out": None}, config)
+    assert (cfg["lr"], cfg["schedule"], cfg["steps"], cfg["loss"]) == (
+        0.005,
+        "cosine",
+        1600,
+        "candidates",
+    )
+    assert cfg["task"] == "sst2" and cfg["data"] == "../shared/data/sst2"

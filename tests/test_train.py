@@ -21,7 +21,7 @@ from zoo_ort.metrics import plot, read_metrics
 from zoo_ort.train import TrainConfig, train
 
 TESTS = Path(__file__).resolve().parent
-TIMING = {"rows_per_s", "step_time", "steps_per_s"}
+TIMING = {"rows_per_s", "step_time", "steps_per_s", "eval_s"}
 
 
 def _config(**kw) -> TrainConfig:

@@ -284,9 +284,10 @@ def train(
 
     def run_eval(step: int) -> dict[str, Any]:
         nonlocal best_params, best_metric, best_step
+        t0 = time.perf_counter()
         raw = dict(evaluate({**frozen, **params}))
         metrics = jsonable(raw)
-        log.append({"step": step, "eval": metrics})
+        log.append({"step": step, "eval": metrics, "eval_s": time.perf_counter() - t0})
         value = raw.get(config.best_metric)
         if not isinstance(value, (int, float, np.floating, np.integer)):
             raise ZooError(
