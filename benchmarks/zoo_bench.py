@@ -548,7 +548,6 @@ def zoo_overhead(
     """
     from zoo_ort.engine import OUTPUT_NAMES
     from zoo_ort.estimator import perturbed_lora
-    from zoo_ort.padding import length_groups, row_widths, take_trimmed
     from zoo_ort.train import TrainConfig, train
 
     s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=0)
@@ -568,23 +567,13 @@ def zoo_overhead(
     ort_s: list[float] = []  # the engine's forwards, bare
     single_s: list[float] = []  # one padded forward of all rows, bare
     forwards: list[int] = []
-    per_row = {t.input for t in s.bundle.manifest.lora_tensors() if t.per_row}
 
     def on_step(record: dict[str, Any]) -> None:
         step = record["step"] - 1
         step_s.append(record["step_time"])
         tiled = batches(step).tokens.tile(2 * q)
         lora = perturbed_lora(s.params, s.frozen, seed, step, q, eps, B)
-        widths = row_widths(tiled)
-        groups = length_groups(widths, s.engine.length_groups, s.engine.group_call_cost)
-        parts = [
-            _ort_feeds(
-                s,
-                take_trimmed(tiled, rows, widths),
-                {k: v[rows] if k in per_row else v for k, v in lora.items()},
-            )
-            for rows in groups
-        ]
+        parts = [feeds for _, feeds in s.engine.grouped_feeds(tiled, lora)]
         t0 = time.perf_counter()
         for feeds in parts:
             s.engine.session.run(OUTPUT_NAMES, feeds)
@@ -593,7 +582,7 @@ def zoo_overhead(
         t0 = time.perf_counter()
         s.engine.session.run(OUTPUT_NAMES, feeds)
         single_s.append(time.perf_counter() - t0)
-        forwards.append(len(groups))
+        forwards.append(len(parts))
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir:
         train(s.engine, s.params, s.frozen, batches, config, run_dir, on_step=on_step)

@@ -262,29 +262,51 @@ class OrtEngine:
 
     # -- the Engine protocol -------------------------------------------------------------------
     def forward(self, batch: TokenBatch, lora: Mapping[str, np.ndarray]) -> EngineOutput:
-        feeds = self._token_feeds(batch)
-        feeds.update(self._lora_feeds(lora, batch.rows))
+        self._check_tokens(batch)
         if batch.rows == 0:
+            self._lora_feeds(lora, 0)
             k, c = batch.target_pos.shape[1], batch.candidate_ids.shape[1]
             return EngineOutput(np.zeros(0, np.float32), np.zeros((0, k, c), np.float32))
         if not self._static:
-            loss, cand = self._run_grouped(feeds, batch)
+            loss, cand = self._run_grouped(self.grouped_feeds(batch, lora), batch.rows)
         else:
+            feeds = self._token_feeds(batch)
+            feeds.update(self._lora_feeds(lora, batch.rows))
             loss, cand = self._run_static(feeds, batch)
         return EngineOutput(
             loss=loss.astype(np.float32), candidate_logprobs=cand.astype(np.float32)
         )
 
+    def grouped_feeds(
+        self, batch: TokenBatch, lora: Mapping[str, np.ndarray]
+    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """``(rows, feeds)`` of each forward a dynamic bundle gets for ``batch``: rows of similar
+        length, cut to their own longest row (see :mod:`zoo_ort.padding`)."""
+        self._check_tokens(batch)
+        lora_feeds = self._lora_feeds(lora, batch.rows)
+        widths = row_widths(batch)
+        parts = []
+        for rows in length_groups(widths, self.length_groups, self.group_call_cost):
+            feeds = self._token_feeds(take_trimmed(batch, rows, widths))
+            for name, array in lora_feeds.items():
+                feeds[name] = array[rows] if self._lora[name].per_row else array
+            parts.append((rows, feeds))
+        return parts
+
     # -- feeds ---------------------------------------------------------------------------------
-    def _token_feeds(self, batch: TokenBatch) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name, array in batch.arrays().items():
-            feeds[name] = np.ascontiguousarray(array, dtype=self._dtypes.get(name, array.dtype))
+    @staticmethod
+    def _check_tokens(batch: TokenBatch) -> None:
         n = batch.rows
-        for name, array in feeds.items():
-            if array.ndim != 2 or array.shape[0] != n:
-                raise ZooError(f"batch {name} has shape {list(array.shape)}, expected [{n}, ...]")
-        return feeds
+        for name, array in batch.arrays().items():
+            shape = list(np.shape(array))
+            if len(shape) != 2 or shape[0] != n:
+                raise ZooError(f"batch {name} has shape {shape}, expected [{n}, ...]")
+
+    def _token_feeds(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+        return {
+            name: np.ascontiguousarray(array, dtype=self._dtypes.get(name, array.dtype))
+            for name, array in batch.arrays().items()
+        }
 
     def _lora_feeds(self, lora: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         missing = sorted(set(self._lora) - set(lora))
@@ -322,24 +344,16 @@ class OrtEngine:
         return loss, cand
 
     def _run_grouped(
-        self, feeds: Mapping[str, np.ndarray], batch: TokenBatch
+        self, parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_rows: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One forward per length group (see :mod:`zoo_ort.padding`), results in row order."""
-        widths = row_widths(batch)
-        groups = length_groups(widths, self.length_groups, self.group_call_cost)
-        per_row = {name for name, spec in self._lora.items() if spec.per_row}
-        parts = []
-        for rows in groups:
-            sub = self._token_feeds(take_trimmed(batch, rows, widths))
-            for name in self._lora:
-                sub[name] = feeds[name][rows] if name in per_row else feeds[name]
-            parts.append((rows, *self._run(sub)))
-        if len(parts) == 1 and np.array_equal(parts[0][0], np.arange(batch.rows)):
-            return parts[0][1], parts[0][2]
-        first = parts[0]
-        loss = np.empty((batch.rows, *first[1].shape[1:]), dtype=first[1].dtype)
-        cand = np.empty((batch.rows, *first[2].shape[1:]), dtype=first[2].dtype)
-        for rows, part_loss, part_cand in parts:
+        """Run every group's forward and put the results back in row order."""
+        outs = [(rows, *self._run(feeds)) for rows, feeds in parts]
+        if len(outs) == 1:  # one group holds every row, in order
+            return outs[0][1], outs[0][2]
+        _, loss0, cand0 = outs[0]
+        loss = np.empty((n_rows, *loss0.shape[1:]), dtype=loss0.dtype)
+        cand = np.empty((n_rows, *cand0.shape[1:]), dtype=cand0.dtype)
+        for rows, part_loss, part_cand in outs:
             loss[rows], cand[rows] = part_loss, part_cand
         return loss, cand
 
