@@ -381,12 +381,12 @@ def zoo_train(
     The dev set is scored at the start, every ``eval_every`` steps, whenever the training clock
     passes another multiple of ``eval_every_s`` and at the end, in batches of 2·q·B rows (the
     training forward's size, so that the phase's peak RSS compares with inference on those
-    rows). For the time grid ``train()`` is asked for an evaluation after every step and the
-    callback scores the dev set only when one is due (otherwise it returns the last result at
-    no cost); evaluations are off the clock either way. The result has the PyTorch trainers'
-    shape (``step_times_s``, ``train_loss``, ``curve`` of ``{step, train_s, wall_s, dev_acc,
-    dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the steps after the first,
-    ``phase_peak_rss_mb`` of the training phase including evaluations).
+    rows). ``train()`` is asked for an evaluation after every step on the time grid; the
+    callback keeps the parameters and ``on_step`` scores them once the step's recorded time is
+    on the clock and a grid point is due. Evaluations are off the clock either way. The result
+    has the PyTorch trainers' shape (``step_times_s``, ``train_loss``, ``curve`` of ``{step,
+    train_s, wall_s, dev_acc, dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the steps
+    after the first, ``phase_peak_rss_mb`` of the training phase including evaluations).
     """
     from zoo_ort.train import TrainConfig, train
 
@@ -407,55 +407,54 @@ def zoo_train(
         eval_every=1 if eval_every_s else eval_every,
         eval_at_start=True,
     )
-    clock = {"train_s": 0.0, "step_t0": -1.0, "next_eval_s": eval_every_s or 0.0}
+    clock = {"train_s": 0.0, "next_eval_s": eval_every_s or 0.0}
     last: dict[str, float] = {}
     curve: list[dict[str, Any]] = []
-    pending: list[dict[str, float]] = []
+    latest: dict[str, dict[str, np.ndarray]] = {}
     step_times: list[float] = []
     losses: list[float] = []
 
-    def batches(step: int) -> Any:
-        clock["step_t0"] = time.perf_counter()  # the step's clock starts just before this
-        return base_batches(step)
-
-    def due() -> bool:
-        if not eval_every_s or clock["step_t0"] < 0:
-            return True  # train() asked on the step grid, or for the initial evaluation
-        # on_step has not yet added this step's time: estimate it (off by microseconds).
-        now = clock["train_s"] + time.perf_counter() - clock["step_t0"]
-        if now < clock["next_eval_s"]:
-            return False
-        while clock["next_eval_s"] <= now:
-            clock["next_eval_s"] += eval_every_s
-        return True
+    def score(lora: dict[str, np.ndarray], step: int) -> dict[str, float]:
+        m = _dev_eval(s, {k: lora[k] for k in s.params}, dev_rows, 2 * q * B)
+        curve.append(
+            {
+                "step": step,
+                "train_s": clock["train_s"],
+                "wall_s": time.perf_counter() - start,
+                **m,
+            }
+        )
+        last.update(accuracy=m["dev_acc"], loss=m["dev_loss"])
+        return m
 
     def evaluate(lora: dict[str, np.ndarray]) -> dict[str, float]:
-        if due():
-            params = {k: lora[k] for k in s.params}
-            m = _dev_eval(s, params, dev_rows, 2 * q * B)
-            pending.append(m)
-            last.update(accuracy=m["dev_acc"], loss=m["dev_loss"])
+        if not curve:  # the initial evaluation, before any step
+            score(lora, 0)
+            return dict(last)
+        # After a step train() calls this before on_step: the step's time is not on the clock
+        # yet, so the parameters are only kept (a reference, no copy) and on_step scores them.
+        latest["lora"] = lora
         return dict(last)
 
     def on_step(record: dict[str, Any]) -> None:
-        if record.get("kind") == "step":
-            clock["train_s"] += record["step_time"]
-            step_times.append(record["step_time"])
-            losses.append(record["loss"])
-        if pending:
-            curve.append(
-                {
-                    "step": record["step"],
-                    "train_s": clock["train_s"],
-                    "wall_s": time.perf_counter() - start,
-                    **pending.pop(),
-                }
-            )
+        if record.get("kind") != "step":
+            return
+        clock["train_s"] += record["step_time"]
+        step_times.append(record["step_time"])
+        losses.append(record["loss"])
+        if eval_every_s:
+            if clock["train_s"] < clock["next_eval_s"]:
+                return
+            while clock["next_eval_s"] <= clock["train_s"]:
+                clock["next_eval_s"] += eval_every_s
+        elif "eval" not in record:
+            return
+        score(latest.pop("lora"), record["step"])
 
     def should_stop() -> bool:
         return time_budget_s is not None and clock["train_s"] >= time_budget_s
 
-    base_batches = s.batches(B, seed)
+    batches = s.batches(B, seed)
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir, PeakRSS() as rss:
         start = time.perf_counter()
         result = train(
