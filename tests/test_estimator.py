@@ -16,6 +16,7 @@ from zoo_ort.estimator import (
     projected_grads,
     row_slices,
 )
+from zoo_ort.scratch import Scratch
 
 
 def _setup(b_scale=0.1):
@@ -70,6 +71,37 @@ def test_row_ranges_are_bit_identical_to_full_layout():
         ]
         for k in params:
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+
+
+def test_scratch_rows_match_fresh_rows_and_reuse_memory():
+    params, frozen = _setup()
+    scratch = Scratch()
+    for step in (2, 3):  # the second step writes into the first one's memory
+        fresh = perturbed_lora(params, frozen, 1, step, q=2, eps=1e-2, batch_size=3)
+        reused = perturbed_lora(params, frozen, 1, step, 2, 1e-2, 3, scratch=scratch)
+        for k in params:
+            np.testing.assert_array_equal(reused[k], fresh[k])
+        if step == 2:
+            first = {k: reused[k].__array_interface__["data"][0] for k in params}
+    assert {k: reused[k].__array_interface__["data"][0] for k in params} == first
+    # A smaller request views the same buffer; a larger one grows it.
+    held = scratch.nbytes
+    small = perturbed_lora(params, frozen, 1, 4, 1, 1e-2, 3, rows=slice(0, 2), scratch=scratch)
+    assert scratch.nbytes == held and all(small[k].shape[0] == 2 for k in params)
+    perturbed_lora(params, frozen, 1, 4, q=5, eps=1e-2, batch_size=3, scratch=scratch)
+    assert scratch.nbytes > held
+
+
+def test_evaluate_queries_same_with_scratch():
+    params, frozen = _setup(b_scale=0.3)
+    engine = NumpyEngine("softmax")
+    batch = make_batch(1, 0, size=3)
+    kw = dict(run_seed=3, step=1, q=2, eps=1e-2, loss="lm")
+    scratch = Scratch()
+    want = evaluate_queries(engine, params, frozen, batch, **kw)
+    for _ in range(2):
+        got = evaluate_queries(engine, params, frozen, batch, scratch=scratch, **kw)
+        np.testing.assert_array_equal(got.g, want.g)
 
 
 def test_row_slices():

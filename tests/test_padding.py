@@ -76,6 +76,12 @@ def test_grouped_forward_matches_one_forward_and_the_reference(bundle):
     ref = reference(weights(), batch, lora, bundle.manifest.lora.scale)
     np.testing.assert_allclose(a.loss, ref[0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(a.candidate_logprobs, ref[1], rtol=2e-5, atol=2e-5)
+    # The groups' LoRA rows live in reused memory: another batch in between changes nothing.
+    other = random_batch(rng, 12, 9, 3, 4)
+    grouped.forward(other, random_lora(bundle.manifest, 12, rng))
+    again = grouped.forward(batch, lora)
+    np.testing.assert_array_equal(again.loss, a.loss)
+    np.testing.assert_array_equal(again.candidate_logprobs, a.candidate_logprobs)
 
 
 def test_grouping_on_an_exported_model(tiny_bundle):

@@ -23,6 +23,7 @@ from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS, Bundle, Manifest, TensorSpec
 from zoo_ort.errors import ZooError
 from zoo_ort.padding import length_groups, row_widths, take_trimmed
 from zoo_ort.providers import get_spec, make_session
+from zoo_ort.scratch import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class OrtEngine:
             length_groups = 1 if self._device is not None else DEFAULT_LENGTH_GROUPS
         self.length_groups = max(1, int(length_groups))
         self.group_call_cost = GROUP_CALL_COST
+        self._scratch = Scratch()  # the groups' LoRA rows, rewritten by every forward
 
     @property
     def active_providers(self) -> list[str]:
@@ -281,15 +283,21 @@ class OrtEngine:
         self, batch: TokenBatch, lora: Mapping[str, np.ndarray]
     ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """``(rows, feeds)`` of each forward a dynamic bundle gets for ``batch``: rows of similar
-        length, cut to their own longest row (see :mod:`zoo_ort.padding`)."""
+        length, cut to their own longest row (see :mod:`zoo_ort.padding`). The feeds are valid
+        until the next call (the groups' LoRA rows live in reused memory)."""
         self._check_tokens(batch)
         lora_feeds = self._lora_feeds(lora, batch.rows)
         widths = row_widths(batch)
+        groups = length_groups(widths, self.length_groups, self.group_call_cost)
         parts = []
-        for rows in length_groups(widths, self.length_groups, self.group_call_cost):
+        for k, rows in enumerate(groups):
             feeds = self._token_feeds(take_trimmed(batch, rows, widths))
             for name, array in lora_feeds.items():
-                feeds[name] = array[rows] if self._lora[name].per_row else array
+                if not self._lora[name].per_row or len(groups) == 1:  # one group: rows in order
+                    feeds[name] = array
+                    continue
+                out = self._scratch.get((name, k), (len(rows), *array.shape[1:]), array.dtype)
+                feeds[name] = np.take(array, rows, axis=0, out=out)
             parts.append((rows, feeds))
         return parts
 

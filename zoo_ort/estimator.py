@@ -34,6 +34,7 @@ import numpy as np
 from zoo_ort.batch import Engine, EngineOutput
 from zoo_ort.errors import ZooError
 from zoo_ort.labeled import LabeledBatch
+from zoo_ort.scratch import Scratch
 
 Mode = Literal["batched", "sequential"]
 LossKind = Literal["lm", "candidates"]
@@ -69,6 +70,7 @@ def perturbed_lora(
     eps: float,
     batch_size: int,
     rows: slice | None = None,
+    scratch: Scratch | None = None,
 ) -> dict[str, np.ndarray]:
     """The LoRA inputs for rows ``rows`` (default all ``q·2·B``) of the step's row layout.
 
@@ -76,6 +78,8 @@ def perturbed_lora(
     ``θ + s·ε·z_i`` (``i, s`` from the row layout); frozen tensors are passed unchanged and
     shared by all rows. ``params`` is never modified. Any row range gives bit-identical rows to
     the same rows of the full layout, which is what makes chunked and sequential modes agree.
+    With ``scratch`` the rows are written into its reused memory (valid until the next call
+    with the same scratch) instead of new arrays.
     """
     n_total = q * 2 * batch_size
     start, stop, stride = (rows or slice(None)).indices(n_total)
@@ -83,9 +87,10 @@ def perturbed_lora(
         raise ValueError(f"rows must be a non-empty contiguous range, got {rows}")
     group = batch_size  # rows per (query, sign)
     eps32 = np.float32(eps)
-    out = {
-        name: np.empty((stop - start, *np.shape(v)), dtype=np.float32) for name, v in params.items()
-    }
+    out = {}
+    for name, v in params.items():
+        shape = (stop - start, *np.shape(v))
+        out[name] = np.empty(shape, np.float32) if scratch is None else scratch.get(name, shape)
     for i in range(start // (2 * group), (stop - 1) // (2 * group) + 1):
         z = directions(params, run_seed, step, i)
         for s, sign in enumerate((1.0, -1.0)):
@@ -94,8 +99,7 @@ def perturbed_lora(
             if lo >= hi:
                 continue
             for name, theta in params.items():
-                shifted = theta + np.float32(sign) * eps32 * z[name]
-                out[name][lo - start : hi - start] = shifted
+                out[name][lo - start : hi - start] = theta + np.float32(sign) * eps32 * z[name]
     for name, v in frozen.items():
         if name in out:
             raise ValueError(f"{name} is both trainable and frozen")
@@ -197,12 +201,14 @@ def evaluate_queries(
     loss: LossKind = "lm",
     mode: Mode = "batched",
     row_budget: int | None = None,
+    scratch: Scratch | None = None,
 ) -> QueryResult:
     """Score the ``q`` direction pairs of ``step`` on ``batch`` and return their scalars.
 
     ``"batched"`` sends all ``q·2·B`` rows in one forward (split into forwards of at most
     ``row_budget`` rows if given); ``"sequential"`` makes ``2q`` forwards of ``B`` rows. Both
-    feed the engine identical rows, so the losses and the update agree.
+    feed the engine identical rows, so the losses and the update agree. ``scratch`` (one per
+    training run) saves rebuilding the rows' memory every step.
     """
     if q < 1 or eps <= 0:
         raise ZooError(f"need queries >= 1 and eps > 0 (got q={q}, eps={eps})")
@@ -215,7 +221,7 @@ def evaluate_queries(
     losses = np.empty(n_rows, dtype=np.float64)
     chunks = row_slices(n_rows, bsz, mode, row_budget)
     for rows in chunks:
-        lora = perturbed_lora(params, frozen, run_seed, step, q, eps, bsz, rows)
+        lora = perturbed_lora(params, frozen, run_seed, step, q, eps, bsz, rows, scratch)
         out = engine.forward(tiled.take(rows), lora)
         part = row_losses(out, None if labels is None else labels[rows], loss)
         if part.shape != (rows.stop - rows.start,):

@@ -42,6 +42,7 @@ from zoo_ort.optim import (
     state_from_tensors,
     state_to_tensors,
 )
+from zoo_ort.scratch import Scratch
 
 __all__ = ["LabeledBatch", "TrainConfig", "TrainResult", "train", "FINAL_DIR", "BEST_DIR"]
 
@@ -306,6 +307,7 @@ def train(
 
     history: list[dict[str, Any]] = []
     stopped = False
+    scratch = Scratch()  # the perturbed rows' memory, reused by every step
     if not finished:
         if ckpt is None and evaluate is not None and config.eval_at_start:
             metrics = run_eval(0)
@@ -332,6 +334,7 @@ def train(
                 loss=config.loss,  # type: ignore[arg-type]
                 mode=config.mode,  # type: ignore[arg-type]
                 row_budget=config.row_budget,
+                scratch=scratch,
             )
             applied = False
             if res.finite:
