@@ -1,6 +1,6 @@
 """The benchmark suite in one command: zoo-ort against MeZO in PyTorch and first-order LoRA.
 
-    python -m benchmarks.run            # SmolLM2-135M on SST-2, about 75 minutes on 2 cores
+    python -m benchmarks.run            # SmolLM2-135M on SST-2, about 80 minutes on 2 cores
     python -m benchmarks.run --quick    # a tiny random model, a minute or two (CI)
 
 Every contender runs in its own process (its peak RSS is its own), all with every core
@@ -60,6 +60,7 @@ class Plan:
     prge_B: int
     prge_steps: int
     overhead_steps: int
+    signal_steps: int  # steps of prge_q[-1] directions for the quantized-signal check
     forward_repeats: int
     train_int4: bool
     max_len: int = 256
@@ -83,6 +84,7 @@ QUICK = Plan(
     prge_B=4,
     prge_steps=2,
     overhead_steps=4,
+    signal_steps=2,
     forward_repeats=2,
     train_int4=True,
 )
@@ -97,11 +99,12 @@ FULL = Plan(
     train_limit=None,
     budget_s=600.0,
     train_steps=100_000,
-    evals_per_run=5,
+    evals_per_run=10,
     prge_q=(1, 4, 8),
     prge_B=8,
     prge_steps=2,
     overhead_steps=16,
+    signal_steps=3,
     forward_repeats=3,
     train_int4=False,
 )
@@ -205,6 +208,21 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
             f"{ZOO}:zoo_overhead",
             dict(bundle=path, steps=plan.overhead_steps, lr=plan.lr_zo, **same),
         )
+    # 4b. Which quantized bases keep the ZO signal (g against fp32's on the same steps).
+    res["quant_signal"] = run(
+        "quantized bases and the ZO signal",
+        "benchmarks.quant_signal:quant_signal",
+        dict(
+            bundles=bundles,
+            cache_dir=str(cache),
+            q=plan.prge_q[-1],
+            B=plan.prge_B,
+            steps=plan.signal_steps,
+            eps=plan.eps,
+            seed=plan.seed,
+            **data,
+        ),
+    )
     # Inference on the same rows (memory reference, rows/s per base precision).
     res["forward"] = {}
     for precision, path in bundles.items():
@@ -530,6 +548,21 @@ def precision_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def signal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    sig = res.get("quant_signal") or {}
+    return [
+        {
+            "base": r["base"],
+            "g corr vs fp32": f"{r['g_corr_vs_fp32']:.3f}",
+            "g rel. error vs fp32": f"{r['g_rel_err_vs_fp32']:.2f}",
+            "largest row-loss change": f"{r['max_loss_change']:.3f}",
+            "forward s (2B rows)": r["forward_s"],
+            "forward vs fp32": _x(r["speedup_vs_fp32"]),
+        }
+        for r in sig.get("rows", [])
+    ]
+
+
 def _bundle_mb(path: str | None) -> float | None:
     if not path or not Path(path).is_dir():
         return None
@@ -628,6 +661,7 @@ def tables(res: dict[str, Any]) -> list[tuple[str, str]]:
         ("P-RGE: one forward of 2qB rows vs 2q forwards of B rows", prge_rows(res)),
         ("Base precision", precision_rows(res)),
         ("Trainer overhead", overhead_rows(res)),
+        ("Quantized bases and the ZO signal", signal_rows(res)),
         ("Same data on every side", same_data_rows(res)),
     ]
     return [(title, markdown_table(rows)) for title, rows in out if rows]
@@ -795,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--budget",
         type=float,
         default=None,
-        help="training seconds per contender (full default 240)",
+        help=f"training seconds per contender (full default {FULL.budget_s:.0f})",
     )
     p.add_argument("--steps", type=int, default=None, help="steps per contender, no budget")
     p.add_argument("--B", type=int, default=None)

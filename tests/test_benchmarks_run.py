@@ -160,6 +160,15 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         in_ort, steps = ovh["in_step_ort_times_s"], ovh["step_times_s"]
         assert all(0 < o < t for o, t in zip(in_ort, steps, strict=True))
         assert 0 < ovh["median_own_s"] < ovh["median_step_s"]
+    # Every base was scored on the same steps as fp32: fp32 against itself is exact (the
+    # forwards are deterministic); int8 weights follow fp32's g (misaligned rows or directions
+    # would leave no correlation).
+    signal = {r["base"]: r for r in res["quant_signal"]["rows"]}
+    assert set(signal) >= {"fp32", "int8", "int8-dynamic", "int8-dynamic-keep-down"}
+    assert signal["fp32"]["g_rel_err_vs_fp32"] == 0.0 and signal["fp32"]["max_loss_change"] == 0.0
+    assert signal["int8"]["g_corr_vs_fp32"] > 0.5
+    plan = res["plan"]
+    assert res["quant_signal"]["g_values"] == plan["prge_q"][-1] * plan["signal_steps"]
     measures = [r["measure"] for r in res["ratios"]]
     assert any(m.startswith("steps/s vs MeZO-torch (fp32") for m in measures)
     assert any(m.startswith("trainer step vs bare ORT forward") for m in measures)

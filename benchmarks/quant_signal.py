@@ -1,0 +1,187 @@
+"""Does a quantized base keep the zeroth-order signal? A contender for :mod:`benchmarks.run`.
+
+A ZO step lives on loss differences: ``g = (L(θ+εz) − L(θ−εz)) / 2ε`` with ε = 1e-2 moves the
+loss by about 1e-2. A base whose rounding noise is larger than that returns ``g`` made of
+noise, however fast it runs. So each base is scored on the same steps (same rows, same
+directions, the initial adapter) and its ``g`` compared with the fp32 base's: correlation,
+relative error, and the largest change of a row's loss; with the time of one forward of a
+training step's rows next to it.
+
+The bases are the benchmark's own (fp32, weight-only int8 ``MatMulNBits``, int4 if built) and
+two made here with ONNX Runtime's ``quantize_dynamic`` (int8 weights per channel and uint8
+activations quantized at run time, the fast integer kernels of a CPU without VNNI):
+
+* ``int8-dynamic``: every MatMul with a constant weight;
+* ``int8-dynamic-keep-down``: the same, but the MatMuls with the widest input (the MLP down
+  projections, whose inputs carry the largest activation outliers) stay fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.zoo_bench import setup
+from zoo_ort.io import atomic_write_json, read_json
+
+DYNAMIC = ("int8-dynamic", "int8-dynamic-keep-down")
+STAMP = "derived_from.json"
+
+
+def _stamp(fp32: str, keep_down: bool) -> dict[str, Any]:
+    """What a cached derived bundle was made from: rebuilt when the fp32 graph changes."""
+    data = Path(fp32) / "model.onnx"
+    st = data.stat()
+    return {"fp32": str(Path(fp32).resolve()), "mtime_ns": st.st_mtime_ns, "keep_down": keep_down}
+
+
+def _widest_input_matmuls(model: Any) -> list[str]:
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    weights = {
+        n.name: shapes[n.input[1]]
+        for n in model.graph.node
+        if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2
+    }
+    widest = max((s[0] for s in weights.values()), default=0)
+    return [name for name, s in weights.items() if s[0] == widest]
+
+
+def derive_dynamic(fp32: str, out: Path, keep_down: bool) -> Path:
+    """A copy of the fp32 bundle with ``quantize_dynamic``'s base (cached in ``out``)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from zoo_ort.bundle import load_bundle, write_manifest
+
+    stamp = _stamp(fp32, keep_down)
+    cached = (out / "manifest.json").is_file() and (out / STAMP).is_file()
+    if cached and read_json(out / STAMP) == stamp:
+        return out
+    source = load_bundle(fp32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        graph = onnx.load(str(source.model_path), load_external_data=False)
+        exclude = _widest_input_matmuls(graph) if keep_down else []
+        loggers = [logging.getLogger("onnxruntime.quantization"), logging.getLogger()]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:  # it logs every node, and warns about pre-processing on the root
+            lg.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(
+                str(source.model_path),
+                str(stage / "model.onnx"),
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                reduce_range=True,  # 7-bit weights: AVX2's u8·s8 pairs must not saturate int16
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                use_external_data_format=True,
+            )
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+        for name in (source.manifest.tokenizer["file"], source.manifest.adapter_init):
+            shutil.copyfile(Path(fp32) / name, stage / name)
+        manifest = source.manifest
+        data = next((p.name for p in stage.iterdir() if p.name.startswith("model.onnx.")), None)
+        manifest.graph.update(base_precision="int8-dynamic", external_data=data)
+        write_manifest(stage, manifest)
+        atomic_write_json(stage / STAMP, stamp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _signal(
+    bundle: str, *, q: int, B: int, steps: int, eps: float, seed: int, threads: int | None, **data
+) -> dict[str, Any]:
+    from zoo_ort.estimator import evaluate_queries, perturbed_lora
+
+    s = setup(bundle, threads=threads, dev_rows=0, **data)
+    batches = s.batches(B, seed)
+    g, losses = [], []
+    for step in range(steps):
+        res = evaluate_queries(
+            s.engine, s.params, s.frozen, batches(step),
+            run_seed=seed, step=step, q=q, eps=eps, loss="candidates",
+        )  # fmt: skip
+        g.extend(res.g.tolist())
+        losses.extend(res.loss_plus.tolist() + res.loss_minus.tolist())
+    tiled = batches(0).tokens.tile(2)
+    lora = perturbed_lora(s.params, s.frozen, seed, 0, 1, eps, B)
+    s.engine.forward(tiled, lora)  # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        s.engine.forward(tiled, lora)
+        times.append(time.perf_counter() - t0)
+    return {"g": g, "pair_losses": losses, "forward_s": statistics.median(times)}
+
+
+def quant_signal(
+    bundles: dict[str, str],
+    *,
+    cache_dir: str,
+    q: int = 8,
+    B: int = 8,
+    steps: int = 3,
+    eps: float = 1e-2,
+    seed: int = 0,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+) -> dict[str, Any]:
+    """Score every base of ``bundles`` (which must hold "fp32") plus the two dynamic ones on the
+    same ``steps`` steps of ``q`` directions over ``B`` examples; compare each ``g`` with fp32's.
+
+    ``forward_s`` is one forward of a q=1 step's 2·B rows (median of 3 after a warm-up).
+    """
+    cache = Path(cache_dir)
+    fp32 = bundles["fp32"]
+    tag = Path(fp32).name.removesuffix("-fp32")
+    bases = dict(bundles)
+    for name in DYNAMIC:
+        path = cache / f"{tag}-{name}"
+        bases[name] = str(derive_dynamic(fp32, path, keep_down=name.endswith("keep-down")))
+    kw = dict(
+        q=q, B=B, steps=steps, eps=eps, seed=seed, threads=threads,
+        data_dir=data_dir, train_limit=train_limit,
+    )  # fmt: skip
+    raw = {name: _signal(path, **kw) for name, path in bases.items()}
+    ref_g = np.array(raw["fp32"]["g"])
+    ref_l = np.array(raw["fp32"]["pair_losses"])
+    rows = []
+    for name, r in raw.items():
+        g, losses = np.array(r["g"]), np.array(r["pair_losses"])
+        same = name == "fp32"
+        rows.append(
+            {
+                "base": name,
+                "g_corr_vs_fp32": 1.0 if same else float(np.corrcoef(g, ref_g)[0, 1]),
+                "g_rel_err_vs_fp32": float(np.linalg.norm(g - ref_g) / np.linalg.norm(ref_g)),
+                "max_loss_change": float(np.abs(losses - ref_l).max()),
+                "forward_s": r["forward_s"],
+                "speedup_vs_fp32": raw["fp32"]["forward_s"] / r["forward_s"],
+            }
+        )
+    return {
+        "method": "quant_signal",
+        "config": {"q": q, "B": B, "steps": steps, "eps": eps, "seed": seed},
+        "g_values": len(ref_g),
+        "g_std_fp32": float(ref_g.std()),
+        "rows": rows,
+        "raw": raw,
+    }
