@@ -82,6 +82,12 @@ def test_grouped_forward_matches_one_forward_and_the_reference(bundle):
     again = grouped.forward(batch, lora)
     np.testing.assert_array_equal(again.loss, a.loss)
     np.testing.assert_array_equal(again.candidate_logprobs, a.candidate_logprobs)
+    # Whatever the splits, the engine keeps one batch's worth of LoRA rows, not one per group.
+    per_row = sum(v.nbytes for k, v in lora.items() if grouped._lora[k].per_row)
+    for seed in range(5):
+        r = np.random.default_rng(seed)
+        grouped.forward(random_batch(r, 12, 9, 3, 4), random_lora(bundle.manifest, 12, r))
+    assert 0 < grouped._scratch.nbytes <= per_row
 
 
 def test_grouping_on_an_exported_model(tiny_bundle):

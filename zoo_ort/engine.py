@@ -289,16 +289,24 @@ class OrtEngine:
         lora_feeds = self._lora_feeds(lora, batch.rows)
         widths = row_widths(batch)
         groups = length_groups(widths, self.length_groups, self.group_call_cost)
-        parts = []
-        for k, rows in enumerate(groups):
+        # The groups partition the rows: one buffer of all rows per tensor holds every group's
+        # copy as a slice, so the memory kept is one batch's worth whatever the split.
+        gathered = {
+            name: self._scratch.get(name, array.shape, array.dtype)
+            for name, array in lora_feeds.items()
+            if self._lora[name].per_row and len(groups) > 1
+        }
+        parts, start = [], 0
+        for rows in groups:
             feeds = self._token_feeds(take_trimmed(batch, rows, widths))
+            stop = start + len(rows)
             for name, array in lora_feeds.items():
-                if not self._lora[name].per_row or len(groups) == 1:  # one group: rows in order
+                if name in gathered:
+                    feeds[name] = np.take(array, rows, axis=0, out=gathered[name][start:stop])
+                else:  # shared by all rows, or one group holding every row in order
                     feeds[name] = array
-                    continue
-                out = self._scratch.get((name, k), (len(rows), *array.shape[1:]), array.dtype)
-                feeds[name] = np.take(array, rows, axis=0, out=out)
             parts.append((rows, feeds))
+            start = stop
         return parts
 
     # -- feeds ---------------------------------------------------------------------------------
