@@ -132,6 +132,7 @@ def test_providers_lists_cpu_usable_and_cuda_not():
         (["--provider", "cuda"], ["cuda"]),
         (["--provider", "warp-drive"], ["warp-drive"]),
         (["--data", "/nonexistent/folder"], ["/nonexistent/folder"]),
+        (["--data", "/nonexistent/[bold]x"], ["/nonexistent/[bold]x"]),  # printed as is
         (["--task", "nope"], ["nope"]),
         (["--loss", "bogus"], ["loss"]),
         (["--steps", "0"], ["steps"]),

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -86,7 +87,7 @@ def export(
             seed=seed,
             progress=lambda msg: status.update(msg),
         )
-    out.print(f"bundle written to [bold]{path}[/bold]")
+    out.print(f"bundle written to [bold]{escape(str(path))}[/bold]")
 
 
 def _default_bundle_name(model: str) -> str:
@@ -240,7 +241,7 @@ def eval_(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else escape(str(v)))
     out.print(table)
 
 
@@ -254,9 +255,9 @@ def providers() -> None:
     for col in ("name", "ORT provider", "usable here", "package / build", "options"):
         table.add_column(col)
     for p in describe_all():
-        usable = "[green]yes[/green]" if p["available"] else f"[red]no[/red]: {p['why']}"
+        usable = "[green]yes[/green]" if p["available"] else f"[red]no[/red]: {escape(p['why'])}"
         opts = ", ".join(o["name"] for o in p["options"])
-        table.add_row(p["name"], p["ort_name"], usable, p["package"], opts)
+        table.add_row(p["name"], p["ort_name"], usable, escape(p["package"]), opts)
     out.print(table)
 
 
@@ -317,7 +318,7 @@ class _TrainView:
             return
         if self.task is None:
             for text in self.pending:
-                self.progress.console.print(text)
+                self.progress.console.print(escape(text))
             self.task = self.progress.add_task(
                 "train", total=self.total, completed=self.first, info=""
             )
@@ -334,14 +335,14 @@ class _TrainView:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     for line in summary.get("lines", []):
-        out.print(line)
+        out.print(escape(line))  # library text: "[plot]" is not a rich style
 
 
 def main() -> None:
     try:
         app()
     except ZooError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
