@@ -18,29 +18,24 @@ activations quantized at run time, the fast integer kernels of a CPU without VNN
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import shutil
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.zoo_bench import setup
-from zoo_ort.io import atomic_write_json, read_json
+from benchmarks.zoo_bench import STAMP, setup, time_step_forward, write_derived
+from zoo_ort.io import read_json
 
 DYNAMIC = ("int8-dynamic", "int8-dynamic-keep-down")
-STAMP = "derived_from.json"
 
 
 def _stamp(fp32: str, keep_down: bool) -> dict[str, Any]:
     """What a cached derived bundle was made from: rebuilt when the fp32 graph changes."""
-    data = Path(fp32) / "model.onnx"
-    st = data.stat()
-    return {"fp32": str(Path(fp32).resolve()), "mtime_ns": st.st_mtime_ns, "keep_down": keep_down}
+    mtime_ns = (Path(fp32) / "model.onnx").stat().st_mtime_ns
+    return {"fp32": str(Path(fp32).resolve()), "mtime_ns": mtime_ns, "keep_down": keep_down}
 
 
 def _widest_input_matmuls(model: Any) -> list[str]:
@@ -56,59 +51,44 @@ def _widest_input_matmuls(model: Any) -> list[str]:
 
 def derive_dynamic(fp32: str, out: Path, keep_down: bool) -> Path:
     """A copy of the fp32 bundle with ``quantize_dynamic``'s base (cached in ``out``)."""
+    stamp = _stamp(fp32, keep_down)
+    cached = (out / "manifest.json").is_file() and (out / STAMP).is_file()
+    if not (cached and read_json(out / STAMP) == stamp):
+        quantize = functools.partial(_quantize_dynamic, keep_down=keep_down)
+        write_derived(Path(fp32), out, "int8-dynamic", quantize, stamp)
+    return out
+
+
+def _quantize_dynamic(src: Path, dst: Path, keep_down: bool) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from zoo_ort.bundle import load_bundle, write_manifest
-
-    stamp = _stamp(fp32, keep_down)
-    cached = (out / "manifest.json").is_file() and (out / STAMP).is_file()
-    if cached and read_json(out / STAMP) == stamp:
-        return out
-    source = load_bundle(fp32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    graph = onnx.load(str(src), load_external_data=False)
+    exclude = _widest_input_matmuls(graph) if keep_down else []
+    loggers = [logging.getLogger("onnxruntime.quantization"), logging.getLogger()]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # it logs every node, and warns about pre-processing on the root
+        lg.setLevel(logging.ERROR)
     try:
-        graph = onnx.load(str(source.model_path), load_external_data=False)
-        exclude = _widest_input_matmuls(graph) if keep_down else []
-        loggers = [logging.getLogger("onnxruntime.quantization"), logging.getLogger()]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:  # it logs every node, and warns about pre-processing on the root
-            lg.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(
-                str(source.model_path),
-                str(stage / "model.onnx"),
-                op_types_to_quantize=["MatMul"],
-                per_channel=True,
-                reduce_range=True,  # 7-bit weights: AVX2's u8·s8 pairs must not saturate int16
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                use_external_data_format=True,
-            )
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
-        for name in (source.manifest.tokenizer["file"], source.manifest.adapter_init):
-            shutil.copyfile(Path(fp32) / name, stage / name)
-        manifest = source.manifest
-        data = next((p.name for p in stage.iterdir() if p.name.startswith("model.onnx.")), None)
-        manifest.graph.update(base_precision="int8-dynamic", external_data=data)
-        write_manifest(stage, manifest)
-        atomic_write_json(stage / STAMP, stamp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return out
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=True,  # 7-bit weights: AVX2's u8·s8 pairs must not saturate int16
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            use_external_data_format=True,
+        )
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _signal(
     bundle: str, *, q: int, B: int, steps: int, eps: float, seed: int, threads: int | None, **data
 ) -> dict[str, Any]:
-    from zoo_ort.estimator import evaluate_queries, perturbed_lora
+    from zoo_ort.estimator import evaluate_queries
 
     s = setup(bundle, threads=threads, dev_rows=0, **data)
     batches = s.batches(B, seed)
@@ -120,14 +100,7 @@ def _signal(
         )  # fmt: skip
         g.extend(res.g.tolist())
         losses.extend(res.loss_plus.tolist() + res.loss_minus.tolist())
-    tiled = batches(0).tokens.tile(2)
-    lora = perturbed_lora(s.params, s.frozen, seed, 0, 1, eps, B)
-    s.engine.forward(tiled, lora)  # warm-up
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        s.engine.forward(tiled, lora)
-        times.append(time.perf_counter() - t0)
+    times, _ = time_step_forward(s, B=B, q=1, eps=eps, seed=seed, repeats=3)
     return {"g": g, "pair_losses": losses, "forward_s": statistics.median(times)}
 
 

@@ -43,6 +43,7 @@ VERBALIZER = {"0": " negative", "1": " positive"}
 TARGETS = ("q_proj", "v_proj")
 RANK, ALPHA = 8, 16.0
 PRECISIONS = ("fp32", "int8", "int4")
+STAMP = "derived_from.json"  # in a derived bundle: what it was made from
 SMOLLM2_RECIPE = "smollm2-135m"
 # The quick mode's model: a random Qwen2 (Llama-like, q/v projections) whose tokenizer adds no
 # BOS, so that the HF tokenizer on the PyTorch side and tokenizer.json here give the same ids.
@@ -75,34 +76,56 @@ def _derive(fp32: Path, out: Path, precision: str) -> None:
     int8 is what ``export_bundle(quantize="int8")`` does (same function on the same fp32 graph);
     int4 is ONNX Runtime's ``MatMulNBitsQuantizer`` (block 32, symmetric, int8 activations).
     """
-    from zoo_ort.bundle import load_bundle, write_manifest
+    if precision == "int8":
+        from zoo_ort.exporters.quantize import quantize_int8
 
+        write_derived(fp32, out, precision, quantize_int8)
+    elif precision == "int4":
+        write_derived(fp32, out, precision, _quantize_int4)
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+
+
+def _quantize_int4(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quant = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4
+    )
+    quant.process()
+    quant.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+
+def write_derived(
+    fp32: Path,
+    out: Path,
+    precision: str,
+    quantize: Callable[[Path, Path], None],
+    stamp: dict[str, Any] | None = None,
+) -> None:
+    """Write ``out``: the fp32 bundle with its graph replaced by ``quantize(src, dst)``'s.
+
+    The bundle is staged next to ``out`` and renamed into place, so a failure leaves no partial
+    bundle; ``stamp`` (what the copy was made from) is saved in it as :data:`STAMP`.
+    """
+    from zoo_ort.bundle import load_bundle, write_manifest
+    from zoo_ort.io import atomic_write_json
+
+    fp32 = Path(fp32)
     source = load_bundle(fp32)
+    out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        graph = stage / "model.onnx"
-        if precision == "int8":
-            from zoo_ort.exporters.quantize import quantize_int8
-
-            quantize_int8(source.model_path, graph)
-        elif precision == "int4":
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            model = onnx.load(str(source.model_path))
-            quant = MatMulNBitsQuantizer(
-                model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4
-            )
-            quant.process()
-            quant.model.save_model_to_file(str(graph), use_external_data_format=True)
-        else:
-            raise ValueError(f"unknown precision {precision!r}")
+        quantize(source.model_path, stage / "model.onnx")
         for name in (source.manifest.tokenizer["file"], source.manifest.adapter_init):
             shutil.copyfile(fp32 / name, stage / name)
         manifest = source.manifest
         data = next((p.name for p in stage.iterdir() if p.name.startswith("model.onnx.")), None)
         manifest.graph.update(base_precision=precision, external_data=data)
         write_manifest(stage, manifest)
+        if stamp is not None:
+            atomic_write_json(stage / STAMP, stamp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
@@ -639,6 +662,24 @@ def zoo_overhead(
     }
 
 
+def time_step_forward(
+    s: Setup, *, B: int, q: int, eps: float, seed: int, repeats: int
+) -> tuple[list[float], int]:
+    """Seconds of ``repeats`` forwards (after one warm-up) of step 0's rows: its batch tiled
+    2·q times with their perturbed LoRA rows; and the padded sequence length."""
+    from zoo_ort.estimator import perturbed_lora
+
+    tiled = s.batches(B, seed)(0).tokens.tile(2 * q)
+    lora = perturbed_lora(s.params, s.frozen, seed, 0, q, eps, B)
+    s.engine.forward(tiled, lora)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        s.engine.forward(tiled, lora)
+        times.append(time.perf_counter() - t0)
+    return times, int(tiled.input_ids.shape[1])
+
+
 def zoo_forward(
     bundle: str,
     *,
@@ -658,28 +699,19 @@ def zoo_forward(
     ``phase_peak_rss_mb`` covers the forwards; with ``dev_rows`` the zero-shot dev accuracy is
     measured afterwards (outside that phase).
     """
-    from zoo_ort.estimator import perturbed_lora
-
     s = setup(
         bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows
     )
     rows = 2 * q * B
-    tiled = s.batches(B, seed)(0).tokens.tile(2 * q)
-    lora = perturbed_lora(s.params, s.frozen, seed, 0, q, eps, B)
-    times = []
     with PeakRSS() as rss:
-        s.engine.forward(tiled, lora)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            s.engine.forward(tiled, lora)
-            times.append(time.perf_counter() - t0)
+        times, seq_len = time_step_forward(s, B=B, q=q, eps=eps, seed=seed, repeats=repeats)
     median = statistics.median(times)
     out = {
         "method": "zoo_forward",
         **_describe(s, dev_rows),
         "config": {"B": B, "q": q, "repeats": repeats, "seed": seed},
         "rows": rows,
-        "seq_len": int(tiled.input_ids.shape[1]),
+        "seq_len": seq_len,
         "times_s": times,
         "median_s": median,
         "rows_per_s": rows / median,
