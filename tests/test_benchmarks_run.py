@@ -153,7 +153,13 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # The quantized bundles really are quantized and were timed.
     assert res["bundles"]["bundles"].keys() >= {"fp32", "int8"}
     for precision in res["bundles"]["bundles"]:
-        assert res["forward"][precision]["precision"] == precision
+        fwd = res["forward"][precision]
+        assert fwd["precision"] == precision
+        # The inference-memory reference ran the training's first steps and the dev scoring,
+        # and its peak covers the single batch it timed.
+        assert fwd["config"]["rss_steps"] == res["plan"]["rss_steps"]
+        assert fwd["phase_peak_rss_mb"] >= fwd["step0_peak_rss_mb"] > 0
+        assert fwd["zero_shot"]["dev_rows"] == res["plan"]["dev_rows"]
         ovh = res["overhead"][precision]
         assert ovh["median_ort_s"] > 0
         # The step's own ORT runs are part of the step: its own work is what is left.
