@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import REPO_ROOT, machine_info, markdown_table, run_in_subprocess
 from zoo_ort.io import atomic_write_json, atomic_write_text
 
@@ -259,6 +261,7 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
         TORCH,
         dict(
             which="mezo",
+            directions="zoo",
             lr=plan.lr_zo,
             eps=plan.eps,
             q=plan.q,
@@ -646,6 +649,40 @@ def same_data(res: dict[str, Any]) -> bool:
     )
 
 
+def same_directions(res: dict[str, Any]) -> dict[str, Any] | None:
+    """How closely MeZO-torch's projected gradients follow zoo-ort's (fp32) step by step.
+
+    Both draw zoo-ort's directions on the same rows, so step 1 (same θ) must agree to float
+    precision; later steps drift apart only as the two parameter trajectories do.
+    """
+    a = _get(res, "train", "mezo_torch", "projected_grads")
+    b = _get(res, "train", "zoo_fp32", "projected_grads")
+    if not a or not b or _get(res, "train", "mezo_torch", "config", "directions") != "zoo":
+        return None
+    n = min(len(a), len(b))
+    x, y = np.asarray(a[:n], float).ravel(), np.asarray(b[:n], float).ravel()
+    first_a, first_b = np.asarray(a[0], float), np.asarray(b[0], float)
+    scale = max(float(np.abs(first_a).max()), 1e-12)
+    corr = float(np.corrcoef(x, y)[0, 1]) if x.size > 1 and x.std() and y.std() else None
+    return {
+        "steps": n,
+        "first_step_rel_diff": float(np.abs(first_a - first_b).max()) / scale,
+        "corr": corr,
+    }
+
+
+def _directions_line(res: dict[str, Any]) -> str:
+    d = res.get("same_directions")
+    if not d:
+        return "MeZO-torch draws its own directions (torch.randn)."
+    corr = f"{d['corr']:.4f}" if d["corr"] is not None else "n/a"
+    return (
+        "MeZO-torch draws zoo-ort's directions, so both walk the same z: the first step's "
+        f"g differ by {100 * d['first_step_rel_diff']:.3f}% (relative), and g correlate at "
+        f"{corr} over the {d['steps']} steps both ran."
+    )
+
+
 def machine_line(m: dict[str, Any]) -> str:
     v = m.get("versions", {})
     ram = m.get("ram_total_mb")
@@ -807,7 +844,9 @@ def report(res: dict[str, Any], pngs: Sequence[str], command: str) -> str:
         f"total {res.get('total_wall_s', 0) / 60:.1f} min. {load_line(res)}",
         "",
         "Same prompt, label words, loss, initial adapter and training rows on every side: "
-        + ("token hashes match." if same_data(res) else "**token hashes differ, see below**."),
+        + ("token hashes match." if same_data(res) else "**token hashes differ, see below**.")
+        + " "
+        + _directions_line(res),
         "",
     ]
     for title, table in tables(res):
@@ -884,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["train_rows"] = train_rows.pop()
     res["ratios"] = headline(res)
     res["same_data"] = same_data(res)
+    res["same_directions"] = same_directions(res)
     atomic_write_json(out / "results.json", res)
     pngs = plots(res, out)
     text = report(res, pngs, command)

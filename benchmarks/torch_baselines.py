@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,6 +405,63 @@ def _perturb(params: Sequence[torch.Tensor], zseed: int, scale: float) -> None:
         p.add_(z, alpha=scale)
 
 
+Perturb = Callable[[int, int, float], None]  # (step, query, scale): θ += scale · z_query
+
+
+def torch_directions(params: Sequence[torch.Tensor], seed: int) -> Perturb:
+    """MeZO's own directions: ``torch.randn`` from the query's seed (:func:`query_seed`), drawn
+    over ``params`` in order."""
+
+    def perturb(step: int, query: int, scale: float) -> None:
+        _perturb(params, query_seed(seed, step, query), scale)
+
+    return perturb
+
+
+def zoo_directions(
+    peft_model: torch.nn.Module, bundle_dir: str | os.PathLike, seed: int
+) -> Perturb:
+    """zoo-ort's directions (:func:`zoo_ort.estimator.directions` over the bundle's trained
+    tensors, regenerated from ``(seed, step, query)``) applied to peft's ``lora_B`` weights.
+
+    With them MeZO-torch and zoo-ort step along the same z on the same rows, so their curves
+    differ only by numerics and speed, not by which random directions each happened to draw.
+    """
+    from zoo_ort.bundle import load_bundle
+    from zoo_ort.estimator import directions
+
+    bundle = load_bundle(bundle_dir)
+    init = bundle.initial_lora()
+    base = peft_model.get_base_model()
+    weights = {
+        s.B.input: base.get_submodule(s.module).lora_B["default"].weight
+        for s in bundle.manifest.lora.sites
+    }
+    shapes = {t.input: np.shape(init[t.input]) for t in bundle.manifest.trainable()}
+    if set(shapes) != set(weights):
+        raise ValueError("the bundle trains other tensors than its sites' B: not LoRA-FA")
+
+    # The step's z are kept until the next step: numpy draws them ~2x slower than torch.randn,
+    # and regenerating them for each of MeZO's five uses would slow this baseline down.
+    cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def perturb(step: int, query: int, scale: float) -> None:
+        if (step, query) not in cache:
+            if any(k[0] != step for k in cache):
+                cache.clear()
+            z = directions(shapes, seed, step, query)
+            # zoo-ort's B is [r, out], peft's lora_B [out, r]
+            cache[step, query] = {
+                n: torch.from_numpy(np.ascontiguousarray(v.T)) for n, v in z.items()
+            }
+        z_t = cache[step, query]
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.add_(z_t[name], alpha=scale)
+
+    return perturb
+
+
 class _Run:
     """Timing, the dev-accuracy curve and the time budget shared by both trainers."""
 
@@ -492,45 +549,50 @@ def mezo_torch(
     dev_rows: int = 300,
     time_budget_s: float | None = None,
     eval_every_s: float | None = None,
+    perturb: Perturb | None = None,
 ) -> dict[str, Any]:
     """MeZO / SPSA on the model's trainable tensors (lora_B after :func:`add_lora_fa`).
 
-    Per step: one batch of ``B`` rows; for each query i (torch seed :func:`query_seed`):
-    θ += εz, L+ ; θ -= 2εz, L- ; θ += εz (restore); g_i = (L+ - L-)/2ε. Then θ -= lr/q·g_i·z_i
-    for every i, replaying z_i from its seed -- all queries see the same θ, as in P-RGE.
+    Per step: one batch of ``B`` rows; for each query i (z_i from ``perturb``, by default
+    :func:`torch_directions`): θ += εz, L+ ; θ -= 2εz, L- ; θ += εz (restore);
+    g_i = (L+ - L-)/2ε. Then θ -= lr/q·g_i·z_i for every i, replaying z_i from its seed -- all
+    queries see the same θ, as in P-RGE. The g_i of every step are in ``projected_grads``.
     Cost: 2·q forwards of B rows per step. The dev curve is taken at step 0, every
     ``eval_every`` steps (0: start and end only), whenever ``train_s`` passes another multiple
     of ``eval_every_s`` and at the end; evaluation time is excluded from ``train_s``. Stops
     after ``steps`` or once ``train_s`` reaches ``time_budget_s``.
     """
     params = [p for _, p in trainable_params(model)]
+    if perturb is None:
+        perturb = torch_directions(params, seed)
     config = dict(steps=steps, lr=lr, eps=eps, q=q, B=B, seed=seed, eval_every=eval_every)
     config.update(dev_rows=dev_rows, eval_every_s=eval_every_s)
+    projected: list[list[float]] = []
     run = _Run(model, data, eval_every, dev_rows, eval_every_s)
     run.eval(0)
     stopped = "steps"
     for step in range(steps):
         t0 = time.perf_counter()
         batch = data.train_batch(seed, step, B)
-        grads, seeds, loss_sum = [], [], 0.0
+        grads, loss_sum = [], 0.0
         with torch.inference_mode():
             for i in range(q):
-                zseed = query_seed(seed, step, i)
-                _perturb(params, zseed, eps)
+                perturb(step, i, eps)
                 loss_plus = float(candidate_loss(model, batch, data.candidate_ids))
-                _perturb(params, zseed, -2 * eps)
+                perturb(step, i, -2 * eps)
                 loss_minus = float(candidate_loss(model, batch, data.candidate_ids))
-                _perturb(params, zseed, eps)
+                perturb(step, i, eps)
                 grads.append((loss_plus - loss_minus) / (2 * eps))
-                seeds.append(zseed)
                 loss_sum += (loss_plus + loss_minus) / 2
-            for zseed, g in zip(seeds, grads, strict=True):
-                _perturb(params, zseed, -lr * g / q)
+            for i, g in enumerate(grads):
+                perturb(step, i, -lr * g / q)
         run.record(step, time.perf_counter() - t0, loss_sum / q)
+        projected.append(grads)
         if time_budget_s is not None and run.train_s >= time_budget_s:
             stopped = "time_budget"
             break
-    return run.result("mezo_torch", config, rows_per_step=2 * q * B, stopped=stopped)
+    result = run.result("mezo_torch", config, rows_per_step=2 * q * B, stopped=stopped)
+    return result | {"projected_grads": projected}
 
 
 def first_order_torch(
@@ -622,6 +684,7 @@ def run_baseline(
     train_limit: int | None = None,
     max_len: int = 128,
     tiny_arch: str = "llama",
+    directions: str = "torch",
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Load ``model`` ("tiny", "smollm2" or a local HF model folder), wrap it in LoRA-FA and run
@@ -630,8 +693,10 @@ def run_baseline(
     ``which``: "mezo" (:func:`mezo_torch`), "first_order" (:func:`first_order_torch`) or
     "forward" (:func:`forward_only_torch`, on the LoRA-wrapped model); ``trainer_kwargs`` go to
     it. ``bundle``: a zoo-ort bundle folder whose initial LoRA tensors (A included) replace
-    peft's, so both sides start from the same adapter. Adds ``model``, ``load_s`` and the
-    training phase's peak RSS (``phase_peak_rss_mb``) to the trainer's result.
+    peft's, so both sides start from the same adapter. ``directions`` (MeZO only): "torch"
+    (:func:`torch_directions`) or "zoo" (:func:`zoo_directions`, needs ``bundle``). Adds
+    ``model``, ``load_s`` and the training phase's peak RSS (``phase_peak_rss_mb``) to the
+    trainer's result.
     """
     trainers = {"mezo": mezo_torch, "first_order": first_order_torch, "forward": forward_only_torch}
     if which not in trainers:
@@ -649,6 +714,12 @@ def run_baseline(
     net = add_lora_fa(base, rank=rank, alpha=alpha, targets=tuple(targets), seed=seed)
     if bundle:
         load_lora_init(net, bundle)
+    if directions not in ("torch", "zoo"):
+        raise ValueError(f"directions must be 'torch' or 'zoo', got {directions!r}")
+    if which == "mezo" and directions == "zoo":
+        if not bundle:
+            raise ValueError("directions='zoo' needs the bundle whose directions to use")
+        trainer_kwargs["perturb"] = zoo_directions(net, bundle, trainer_kwargs.get("seed", seed))
     data = load_prompt_data(tokenizer, train_limit=train_limit, max_len=max_len)
     load_s = time.perf_counter() - t0
     if which != "forward":
@@ -656,6 +727,8 @@ def run_baseline(
     with PeakRSS() as rss:
         result = trainers[which](net, data, **trainer_kwargs)
     result["config"].update(rank=rank, alpha=alpha, targets=list(targets), bundle=bundle)
+    if which == "mezo":
+        result["config"]["directions"] = directions
     from benchmarks.zoo_bench import ids_digest  # numpy only: the same hash as zoo-ort's side
 
     digests = {

@@ -407,9 +407,10 @@ def zoo_train(
     rows). ``train()`` is asked for an evaluation after every step on the time grid; the
     callback keeps the parameters and ``on_step`` scores them once the step's recorded time is
     on the clock and a grid point is due. Evaluations are off the clock either way. The result
-    has the PyTorch trainers' shape (``step_times_s``, ``train_loss``, ``curve`` of ``{step,
-    train_s, wall_s, dev_acc, dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the steps
-    after the first, ``phase_peak_rss_mb`` of the training phase including evaluations).
+    has the PyTorch trainers' shape (``step_times_s``, ``train_loss``, ``projected_grads`` (the
+    g of every step), ``curve`` of ``{step, train_s, wall_s, dev_acc, dev_loss, dev_rows,
+    eval_s}``, ``median_step_s`` over the steps after the first, ``phase_peak_rss_mb`` of the
+    training phase including evaluations).
     """
     from zoo_ort.train import TrainConfig, train
 
@@ -436,6 +437,7 @@ def zoo_train(
     latest: dict[str, dict[str, np.ndarray]] = {}
     step_times: list[float] = []
     losses: list[float] = []
+    projected: list[list[float]] = []
 
     def score(lora: dict[str, np.ndarray], step: int) -> dict[str, float]:
         m = _dev_eval(s, {k: lora[k] for k in s.params}, dev_rows, 2 * q * B)
@@ -465,6 +467,7 @@ def zoo_train(
         clock["train_s"] += record["step_time"]
         step_times.append(record["step_time"])
         losses.append(record["loss"])
+        projected.append(record["g"])
         if eval_every_s:
             if clock["train_s"] < clock["next_eval_s"]:
                 return
@@ -530,6 +533,7 @@ def zoo_train(
         "rows_per_s": rows_per_step / median if median else None,
         "step_times_s": step_times,
         "train_loss": losses,
+        "projected_grads": projected,
         "curve": curve,
         "final": dict(curve[-1]),
         **rss.as_dict(),

@@ -267,3 +267,31 @@ def test_smollm2_smoke():
     net = tb.add_lora_fa(model)
     r = tb.mezo_torch(net, data, steps=2, B=2, dev_rows=8)
     assert r["steps_done"] == 2 and np.isfinite(r["train_loss"]).all()
+
+
+def test_zoo_directions_are_zoo_orts_z_on_peft_weights(tiny_model_dir, tiny_bundle):
+    from zoo_ort.bundle import load_bundle
+    from zoo_ort.estimator import directions
+
+    base, _ = tb.load_hf_folder(str(tiny_model_dir("llama")))
+    net = tb.add_lora_fa(base, rank=4, alpha=8)
+    tb.load_lora_init(net, tiny_bundle)
+    bundle = load_bundle(tiny_bundle)
+    init = bundle.initial_lora()
+    trained = {t.input: init[t.input] for t in bundle.manifest.trainable()}
+    sites = {s.B.input: s.module for s in bundle.manifest.lora.sites}
+    inner = net.get_base_model()
+
+    def b_of(name):
+        return inner.get_submodule(sites[name]).lora_B["default"].weight.detach().numpy().T.copy()
+
+    perturb = tb.zoo_directions(net, tiny_bundle, seed=3)
+    perturb(5, 1, 0.5)
+    z = directions(trained, 3, 5, 1)
+    other = directions(trained, 3, 5, 0)
+    for name, theta in trained.items():
+        np.testing.assert_allclose(b_of(name), theta + 0.5 * z[name], rtol=1e-6, atol=1e-6)
+        assert not np.allclose(z[name], other[name])  # each query has its own z
+    perturb(5, 1, -0.5)
+    for name, theta in trained.items():
+        np.testing.assert_allclose(b_of(name), theta, atol=1e-6)

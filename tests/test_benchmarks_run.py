@@ -145,6 +145,14 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         assert r["phase_peak_rss_mb"] > 0 and r["median_step_s"] > 0, key
     assert res["train"]["zoo_fp32"]["rows_per_step"] == 2 * res["plan"]["q"] * res["plan"]["B"]
 
+    # MeZO-torch walked zoo-ort's directions on the same rows: from the same θ the two
+    # independent implementations (PyTorch eager, the ORT graph) give the same g, and later
+    # steps stay on the same trajectory.
+    assert train["mezo_torch"]["config"]["directions"] == "zoo"
+    d = res["same_directions"]
+    assert d["steps"] >= 2 and d["first_step_rel_diff"] < 1e-3 and d["corr"] > 0.99
+    assert "both walk the same z" in md
+
     # Batched and sequential P-RGE fed the engine the same rows: same projected gradients.
     prge = res["prge"]["rows"]
     assert [r["q"] for r in prge] == [1, 4, 8]
