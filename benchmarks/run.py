@@ -17,6 +17,7 @@ curves), ``results.md`` (the tables below, the machine, the plots) and ``accurac
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -332,6 +333,32 @@ def time_to_reach(curve: Sequence[dict[str, Any]], acc: float) -> float | None:
     return None
 
 
+def _same_step_row(res: dict[str, Any], best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """zoo-ort's (fp32) training time to MeZO-torch's best step, where both walked the same z.
+
+    Read at equal steps, not on each side's own evaluation grid: only when the two g sequences
+    agree (correlation >= 0.999), i.e. the trajectories are the same one.
+    """
+    d = same_directions(res)
+    zoo = _get(res, "train", "zoo_fp32")
+    if not d or d["corr"] is None or d["corr"] < 0.999 or not best or not zoo or not best["step"]:
+        return None
+    times = zoo.get("step_times_s") or []
+    if len(times) < best["step"]:
+        return None
+    t_zoo = float(sum(times[: best["step"]]))
+    r = _ratio(best["train_s"], t_zoo)
+    return {
+        "measure": f"time to MeZO-torch's best step ({best['step']}, {100 * best['dev_acc']:.1f}%) "
+        "on the shared trajectory (fp32 base; same z, g corr >= 0.999)",
+        "zoo-ort": f"{t_zoo:.0f} s",
+        "reference": f"{best['train_s']:.0f} s",
+        "ratio": _x(r),
+        "target": "(context)",
+        "met": "",
+    }
+
+
 def _met(value: float | None, target: float, higher_is_better: bool) -> str:
     if value is None:
         return "n/a"
@@ -399,6 +426,9 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": _met(r, TARGETS["reach"], True) if improved else "n/a",
             }
         )
+    step_row = _same_step_row(res, best)
+    if step_row:
+        rows.append(step_row)
     for precision in ("fp32", "int8"):
         z = tr.get(f"zoo_{precision}")
         if z and fo:
@@ -894,6 +924,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dev-rows", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-int4", action="store_true", help="also train on the int4 base")
+    p.add_argument(
+        "--report-from",
+        default=None,
+        help="re-render the tables and plots of an earlier results.json (runs nothing)",
+    )
     a = p.parse_args(argv)
 
     plan = QUICK if a.quick else FULL
@@ -916,8 +951,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m benchmarks.run", *args])
 
-    res = run_all(plan, Path(a.cache), a.bundle_fp32, a.rebuild)
-    res["command"] = command
+    if a.report_from:
+        try:
+            res = json.loads(Path(a.report_from).read_text())
+        except (OSError, ValueError) as e:
+            _say(f"cannot read {a.report_from}: {e}")
+            return 2
+        command = res.get("command", command)
+    else:
+        res = run_all(plan, Path(a.cache), a.bundle_fp32, a.rebuild)
+        res["command"] = command
     train_rows = {_get(r, "train_rows") for r in (res.get("train") or {}).values() if r}
     if len(train_rows) == 1:
         res["train_rows"] = train_rows.pop()

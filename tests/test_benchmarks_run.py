@@ -100,6 +100,46 @@ def test_time_to_reach_and_headline_ratios():
     assert paired["ratio"] == "+5.0%" and paired["target"] == "(context)"
 
 
+def test_time_to_mezo_best_step_on_the_shared_trajectory():
+    mezo_curve = [
+        {"step": 0, "train_s": 0.0, "dev_acc": 0.5},
+        {"step": 2, "train_s": 6.0, "dev_acc": 0.8},
+        {"step": 4, "train_s": 12.0, "dev_acc": 0.7},
+    ]
+    zoo_curve = [
+        {"step": 0, "train_s": 0.0, "dev_acc": 0.5},
+        {"step": 3, "train_s": 3.0, "dev_acc": 0.7},
+    ]
+    g = [[0.5], [-1.0], [2.0], [0.1]]
+    res = {
+        "train": {
+            "mezo_torch": {
+                "curve": mezo_curve,
+                "projected_grads": g,
+                "config": {"directions": "zoo"},
+                "median_step_s": 3.0,
+            },
+            "zoo_fp32": {
+                "curve": zoo_curve,
+                "projected_grads": [[x[0] * (1 + 1e-6)] for x in g][:3],
+                "step_times_s": [1.0, 1.0, 1.0],
+                "median_step_s": 1.0,
+            },
+        }
+    }
+    best = bench_run._best(mezo_curve)
+    row = bench_run._same_step_row(res, best)
+    # MeZO's best was its step 2, at 6 s; zoo-ort finished step 2 after 2 s.
+    assert row["zoo-ort"] == "2 s" and row["reference"] == "6 s" and row["ratio"] == "3.00x"
+    assert "(2, 80.0%)" in row["measure"] and row["target"] == "(context)"
+    # Other directions (g uncorrelated) are not the same trajectory: no such reading.
+    res["train"]["zoo_fp32"]["projected_grads"] = [[1.0], [1.0], [-1.0]]
+    assert bench_run._same_step_row(res, best) is None
+    res["train"]["zoo_fp32"]["projected_grads"] = [[x[0]] for x in g][:3]
+    res["train"]["mezo_torch"]["config"]["directions"] = "torch"
+    assert bench_run._same_step_row(res, best) is None
+
+
 def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "results"
     # A training budget (1 s of training clock each) exercises the full mode's path: stop on
@@ -115,6 +155,11 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     md = (out / "results.md").read_text()
+    # The report re-renders from the JSON alone, to the same text.
+    again = tmp_path / "again"
+    assert bench_run.main(["--report-from", str(out / "results.json"), "--out", str(again)]) == 0
+    assert (again / "results.md").read_text() == md
+    assert bench_run.main(["--report-from", str(tmp_path / "missing.json")]) == 2
     for title in (
         "## Targets (ratios from this run)",
         "## Training under the same wall-clock budget",
