@@ -431,15 +431,14 @@ def zoo_directions(
     from zoo_ort.estimator import directions
 
     bundle = load_bundle(bundle_dir)
-    init = bundle.initial_lora()
     base = peft_model.get_base_model()
     weights = {
         s.B.input: base.get_submodule(s.module).lora_B["default"].weight
         for s in bundle.manifest.lora.sites
     }
-    shapes = {t.input: np.shape(init[t.input]) for t in bundle.manifest.trainable()}
-    if set(shapes) != set(weights):
+    if {t.input for t in bundle.manifest.trainable()} != set(weights):
         raise ValueError("the bundle trains other tensors than its sites' B: not LoRA-FA")
+    shapes = {name: tuple(w.shape)[::-1] for name, w in weights.items()}  # zoo-ort's [r, out]
 
     # The step's z are kept until the next step: numpy draws them ~2x slower than torch.randn,
     # and regenerating them for each of MeZO's five uses would slow this baseline down.
