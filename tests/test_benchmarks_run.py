@@ -140,6 +140,43 @@ def test_time_to_mezo_best_step_on_the_shared_trajectory():
     assert bench_run._same_step_row(res, best) is None
 
 
+def test_step_grid_reads_time_to_accuracy_at_equal_steps():
+    def run(curve, every, every_s, g, times):
+        config = {"directions": "zoo", "eval_every": every, "eval_every_s": every_s}
+        return {
+            "curve": curve, "config": config, "projected_grads": g,
+            "step_times_s": times, "median_step_s": sum(times) / len(times),
+        }  # fmt: skip
+
+    g = [[0.5], [-1.0], [2.0], [0.1]]
+    grid = [0, 2, 4]
+    accs = (0.5, 0.8, 0.7)  # the same trajectory, so the same accuracy at each step
+
+    def curve(step_s):
+        return [
+            {"step": s, "train_s": step_s * s, "dev_acc": a}
+            for s, a in zip(grid, accs, strict=True)
+        ]
+
+    mezo = run(curve(3.0), 2, None, g, [3.0] * 4)
+    zoo = run(curve(1.5), 2, None, g, [1.5] * 4)
+    assert bench_run.step_grid(mezo, zoo) == 2
+    res = {"train": {"mezo_torch": mezo, "zoo_fp32": zoo}}
+    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    reach = rows["time to MeZO-torch's best dev acc 80.0% (fp32 base; both scored every 2 steps)"]
+    assert reach["zoo-ort"] == "3 s" and reach["reference"] == "6 s" and reach["ratio"] == "2.00x"
+    # Already at equal steps: no separate shared-trajectory reading.
+    assert not any("shared trajectory" in m for m in rows)
+    # Any other grid (another K, or a time grid on either side) is not a common step grid.
+    zoo["config"]["eval_every"] = 3
+    assert bench_run.step_grid(mezo, zoo) is None
+    zoo["config"].update(eval_every=2, eval_every_s=60.0)
+    assert bench_run.step_grid(mezo, zoo) is None
+    assert bench_run.step_grid(mezo, None) is None
+    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    assert any("shared trajectory" in m for m in rows)
+
+
 def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "results"
     # A training budget (1 s of training clock each) exercises the full mode's path: stop on
