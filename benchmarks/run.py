@@ -443,8 +443,9 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": _met(r, TARGETS["reach"], True) if improved else "n/a",
             }
         )
-    # On separate grids the reading above compares sampling points too; this one does not.
-    step_row = None if step_grid(mezo, tr.get("zoo_fp32")) else _same_step_row(res, best)
+    # The reading above also compares the two engines' rounding on borderline dev examples
+    # (one example flips the threshold); this one compares the same point of the trajectory.
+    step_row = _same_step_row(res, best)
     if step_row:
         rows.append(step_row)
     for precision in ("fp32", "int8"):
@@ -716,6 +717,22 @@ def same_directions(res: dict[str, Any]) -> dict[str, Any] | None:
         "steps": n,
         "first_step_rel_diff": float(np.abs(first_a - first_b).max()) / scale,
         "corr": corr,
+        **_scored_alike(res),
+    }
+
+
+def _scored_alike(res: dict[str, Any]) -> dict[str, Any]:
+    """At the steps both ZO trainers scored: how many dev accuracies are equal, and the largest
+    difference in dev rows (same parameters up to float rounding, two engines)."""
+    curves = [_get(res, "train", k, "curve") or [] for k in ("mezo_torch", "zoo_fp32")]
+    accs = [{c["step"]: c["dev_acc"] for c in curve} for curve in curves]
+    common = sorted(set(accs[0]) & set(accs[1]))
+    rows = _get(res, "plan", "dev_rows") or 0
+    diffs = [round(abs(accs[0][s] - accs[1][s]) * rows) for s in common]
+    return {
+        "scored_steps": len(common),
+        "scored_equal": sum(d == 0 for d in diffs),
+        "max_diff_dev_rows": max(diffs, default=0),
     }
 
 
@@ -728,6 +745,17 @@ def _directions_line(res: dict[str, Any]) -> str:
         "MeZO-torch draws zoo-ort's directions, so both walk the same z: the first step's "
         f"g differ by {100 * d['first_step_rel_diff']:.3f}% (relative), and g correlate at "
         f"{corr} over the {d['steps']} steps both ran."
+        + _scored_alike_text(d, _get(res, "plan", "dev_rows"))
+    )
+
+
+def _scored_alike_text(d: dict[str, Any], dev_rows: int | None) -> str:
+    if not d.get("scored_steps"):
+        return ""
+    return (
+        f" At the {d['scored_steps']} steps both scored, dev accuracy is equal at "
+        f"{d['scored_equal']} and differs by at most {d['max_diff_dev_rows']} of {dev_rows} rows "
+        "(two engines' float rounding on borderline examples)."
     )
 
 

@@ -165,8 +165,20 @@ def test_step_grid_reads_time_to_accuracy_at_equal_steps():
     rows = {r["measure"]: r for r in bench_run.headline(res)}
     reach = rows["time to MeZO-torch's best dev acc 80.0% (fp32 base; both scored every 2 steps)"]
     assert reach["zoo-ort"] == "3 s" and reach["reference"] == "6 s" and reach["ratio"] == "2.00x"
-    # Already at equal steps: no separate shared-trajectory reading.
-    assert not any("shared trajectory" in m for m in rows)
+    # The same point of the trajectory, read from the step times.
+    shared = next(r for m, r in rows.items() if "shared trajectory" in m)
+    assert shared["zoo-ort"] == "3 s" and shared["ratio"] == "2.00x"
+    # One borderline dev row scored apart at step 2 moves the threshold, not the shared reading.
+    zoo["curve"][1]["dev_acc"] = 0.79
+    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    reach = next(r for m, r in rows.items() if m.startswith("time to MeZO-torch's best"))
+    assert reach["zoo-ort"] == "not reached"
+    shared = next(r for m, r in rows.items() if "shared trajectory" in m)
+    assert shared["ratio"] == "2.00x"
+    res["plan"] = {"dev_rows": 100}
+    alike = bench_run.same_directions(res)
+    assert (alike["scored_steps"], alike["scored_equal"], alike["max_diff_dev_rows"]) == (3, 2, 1)
+    zoo["curve"][1]["dev_acc"] = 0.8
     # Any other grid (another K, or a time grid on either side) is not a common step grid.
     zoo["config"]["eval_every"] = 3
     assert bench_run.step_grid(mezo, zoo) is None
