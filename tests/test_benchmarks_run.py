@@ -21,6 +21,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from benchmarks import report as bench_report  # noqa: E402
 from benchmarks import run as bench_run  # noqa: E402
 from benchmarks import zoo_bench  # noqa: E402
 
@@ -53,9 +54,9 @@ def test_time_to_reach_and_headline_ratios():
         {"step": 10, "train_s": 30.0, "dev_acc": 0.6},
         {"step": 20, "train_s": 60.0, "dev_acc": 0.7},
     ]
-    assert bench_run.time_to_reach(curve, 0.6) == 30.0
-    assert bench_run.time_to_reach(curve, 0.65) == 60.0
-    assert bench_run.time_to_reach(curve, 0.8) is None
+    assert bench_report.time_to_reach(curve, 0.6) == 30.0
+    assert bench_report.time_to_reach(curve, 0.65) == 60.0
+    assert bench_report.time_to_reach(curve, 0.8) is None
 
     def trainer(step_s, train_curve, rss):
         return {
@@ -85,7 +86,7 @@ def test_time_to_reach_and_headline_ratios():
             }
         },
     }
-    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    rows = {r["measure"]: r for r in bench_report.headline(res)}
     speed = rows["steps/s vs MeZO-torch (fp32 base)"]
     assert speed["ratio"] == "3.00x" and speed["met"] == "yes"
     reach = next(r for m, r in rows.items() if m.startswith("time to MeZO-torch's best"))
@@ -127,17 +128,17 @@ def test_time_to_mezo_best_step_on_the_shared_trajectory():
             },
         }
     }
-    best = bench_run._best(mezo_curve)
-    row = bench_run._same_step_row(res, best)
+    best = bench_report._best(mezo_curve)
+    row = bench_report._same_step_row(res, best)
     # MeZO's best was its step 2, at 6 s; zoo-ort finished step 2 after 2 s.
     assert row["zoo-ort"] == "2 s" and row["reference"] == "6 s" and row["ratio"] == "3.00x"
     assert "(2, 80.0%)" in row["measure"] and row["target"] == "(context)"
     # Other directions (g uncorrelated) are not the same trajectory: no such reading.
     res["train"]["zoo_fp32"]["projected_grads"] = [[1.0], [1.0], [-1.0]]
-    assert bench_run._same_step_row(res, best) is None
+    assert bench_report._same_step_row(res, best) is None
     res["train"]["zoo_fp32"]["projected_grads"] = [[x[0]] for x in g][:3]
     res["train"]["mezo_torch"]["config"]["directions"] = "torch"
-    assert bench_run._same_step_row(res, best) is None
+    assert bench_report._same_step_row(res, best) is None
 
 
 def test_step_grid_reads_time_to_accuracy_at_equal_steps():
@@ -160,9 +161,9 @@ def test_step_grid_reads_time_to_accuracy_at_equal_steps():
 
     mezo = run(curve(3.0), 2, None, g, [3.0] * 4)
     zoo = run(curve(1.5), 2, None, g, [1.5] * 4)
-    assert bench_run.step_grid(mezo, zoo) == 2
+    assert bench_report.step_grid(mezo, zoo) == 2
     res = {"train": {"mezo_torch": mezo, "zoo_fp32": zoo}}
-    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    rows = {r["measure"]: r for r in bench_report.headline(res)}
     reach = rows["time to MeZO-torch's best dev acc 80.0% (fp32 base; both scored every 2 steps)"]
     assert reach["zoo-ort"] == "3 s" and reach["reference"] == "6 s" and reach["ratio"] == "2.00x"
     # The same point of the trajectory, read from the step times.
@@ -170,22 +171,22 @@ def test_step_grid_reads_time_to_accuracy_at_equal_steps():
     assert shared["zoo-ort"] == "3 s" and shared["ratio"] == "2.00x"
     # One borderline dev row scored apart at step 2 moves the threshold, not the shared reading.
     zoo["curve"][1]["dev_acc"] = 0.79
-    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    rows = {r["measure"]: r for r in bench_report.headline(res)}
     reach = next(r for m, r in rows.items() if m.startswith("time to MeZO-torch's best"))
     assert reach["zoo-ort"] == "not reached"
     shared = next(r for m, r in rows.items() if "shared trajectory" in m)
     assert shared["ratio"] == "2.00x"
     res["plan"] = {"dev_rows": 100}
-    alike = bench_run.same_directions(res)
+    alike = bench_report.same_directions(res)
     assert (alike["scored_steps"], alike["scored_equal"], alike["max_diff_dev_rows"]) == (3, 2, 1)
     zoo["curve"][1]["dev_acc"] = 0.8
     # Any other grid (another K, or a time grid on either side) is not a common step grid.
     zoo["config"]["eval_every"] = 3
-    assert bench_run.step_grid(mezo, zoo) is None
+    assert bench_report.step_grid(mezo, zoo) is None
     zoo["config"].update(eval_every=2, eval_every_s=60.0)
-    assert bench_run.step_grid(mezo, zoo) is None
-    assert bench_run.step_grid(mezo, None) is None
-    rows = {r["measure"]: r for r in bench_run.headline(res)}
+    assert bench_report.step_grid(mezo, zoo) is None
+    assert bench_report.step_grid(mezo, None) is None
+    rows = {r["measure"]: r for r in bench_report.headline(res)}
     assert any("shared trajectory" in m for m in rows)
 
 
