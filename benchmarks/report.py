@@ -434,12 +434,12 @@ def _scored_alike(res: dict[str, Any]) -> dict[str, Any]:
     curves = [_get(res, "train", k, "curve") or [] for k in ("mezo_torch", "zoo_fp32")]
     accs = [{c["step"]: c["dev_acc"] for c in curve} for curve in curves]
     common = sorted(set(accs[0]) & set(accs[1]))
-    rows = _get(res, "plan", "dev_rows") or 0
-    diffs = [round(abs(accs[0][s] - accs[1][s]) * rows) for s in common]
+    diffs = [abs(accs[0][s] - accs[1][s]) for s in common]
+    rows = _get(res, "plan", "dev_rows")
     return {
         "scored_steps": len(common),
-        "scored_equal": sum(d == 0 for d in diffs),
-        "max_diff_dev_rows": max(diffs, default=0),
+        "scored_equal": sum(d < 1e-9 for d in diffs),
+        "max_diff_dev_rows": round(max(diffs, default=0.0) * rows) if rows else None,
     }
 
 
@@ -457,7 +457,7 @@ def _directions_line(res: dict[str, Any]) -> str:
 
 
 def _scored_alike_text(d: dict[str, Any], dev_rows: int | None) -> str:
-    if not d.get("scored_steps"):
+    if not d.get("scored_steps") or d.get("max_diff_dev_rows") is None:
         return ""
     return (
         f" At the {d['scored_steps']} steps both scored, dev accuracy is equal at "

@@ -101,6 +101,17 @@ def test_time_to_reach_and_headline_ratios():
     assert paired["ratio"] == "+5.0%" and paired["target"] == "(context)"
 
 
+def _zo_run(curve, g, step_times, every=0, every_s=None):
+    """A ZO trainer's result as the benchmark records it, walking zoo-ort's directions."""
+    return {
+        "curve": curve,
+        "config": {"directions": "zoo", "eval_every": every, "eval_every_s": every_s},
+        "projected_grads": g,
+        "step_times_s": step_times,
+        "median_step_s": sum(step_times) / len(step_times),
+    }
+
+
 def test_time_to_mezo_best_step_on_the_shared_trajectory():
     mezo_curve = [
         {"step": 0, "train_s": 0.0, "dev_acc": 0.5},
@@ -112,22 +123,9 @@ def test_time_to_mezo_best_step_on_the_shared_trajectory():
         {"step": 3, "train_s": 3.0, "dev_acc": 0.7},
     ]
     g = [[0.5], [-1.0], [2.0], [0.1]]
-    res = {
-        "train": {
-            "mezo_torch": {
-                "curve": mezo_curve,
-                "projected_grads": g,
-                "config": {"directions": "zoo"},
-                "median_step_s": 3.0,
-            },
-            "zoo_fp32": {
-                "curve": zoo_curve,
-                "projected_grads": [[x[0] * (1 + 1e-6)] for x in g][:3],
-                "step_times_s": [1.0, 1.0, 1.0],
-                "median_step_s": 1.0,
-            },
-        }
-    }
+    mezo = _zo_run(mezo_curve, g, [3.0] * 4, every_s=6.0)
+    zoo = _zo_run(zoo_curve, [[x[0] * (1 + 1e-6)] for x in g][:3], [1.0] * 3, every_s=3.0)
+    res = {"train": {"mezo_torch": mezo, "zoo_fp32": zoo}}
     best = bench_report._best(mezo_curve)
     row = bench_report._same_step_row(res, best)
     # MeZO's best was its step 2, at 6 s; zoo-ort finished step 2 after 2 s.
@@ -142,13 +140,6 @@ def test_time_to_mezo_best_step_on_the_shared_trajectory():
 
 
 def test_step_grid_reads_time_to_accuracy_at_equal_steps():
-    def run(curve, every, every_s, g, times):
-        config = {"directions": "zoo", "eval_every": every, "eval_every_s": every_s}
-        return {
-            "curve": curve, "config": config, "projected_grads": g,
-            "step_times_s": times, "median_step_s": sum(times) / len(times),
-        }  # fmt: skip
-
     g = [[0.5], [-1.0], [2.0], [0.1]]
     grid = [0, 2, 4]
     accs = (0.5, 0.8, 0.7)  # the same trajectory, so the same accuracy at each step
@@ -159,8 +150,8 @@ def test_step_grid_reads_time_to_accuracy_at_equal_steps():
             for s, a in zip(grid, accs, strict=True)
         ]
 
-    mezo = run(curve(3.0), 2, None, g, [3.0] * 4)
-    zoo = run(curve(1.5), 2, None, g, [1.5] * 4)
+    mezo = _zo_run(curve(3.0), g, [3.0] * 4, every=2)
+    zoo = _zo_run(curve(1.5), g, [1.5] * 4, every=2)
     assert bench_report.step_grid(mezo, zoo) == 2
     res = {"train": {"mezo_torch": mezo, "zoo_fp32": zoo}}
     rows = {r["measure"]: r for r in bench_report.headline(res)}
