@@ -14,9 +14,9 @@ import tempfile
 
 import numpy as np
 
-from zoo_ort.batch import EngineOutput, TokenBatch
-from zoo_ort.labeled import LabeledBatch
-from zoo_ort.train import TrainConfig, train
+from zoo_ort.engine import EngineOutput, LabeledBatch, TokenBatch
+from zoo_ort.loop.train import train
+from zoo_ort.settings import settings
 
 VOCAB, RANK, POS, NEG = 50, 4, 48, 49  # token ids 48/49 are the label words
 
@@ -74,7 +74,7 @@ def main() -> dict[str, float]:
         out = engine.forward(dev.tokens, {"A": lora["A"], "B": b})
         return {"accuracy": float((out.candidate_logprobs[:, 0].argmax(1) == dev.labels).mean())}
 
-    config = TrainConfig(steps=200, lr=1.0, eps=1e-2, queries=4, batch_size=16, loss="candidates")
+    config = settings(steps=200, lr=1.0, eps=1e-2, queries=4, batch_size=16, loss="candidates")
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(engine, params, frozen, make_batches(), config, run_dir, evaluate=accuracy)
     before = accuracy({**frozen, **params})["accuracy"]

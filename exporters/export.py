@@ -22,6 +22,7 @@ import torch
 
 from zoo_ort.bundle import (
     CANDIDATES,
+    NPU_INPUTS,
     OUTPUTS,
     ROWS,
     SEQ,
@@ -39,7 +40,6 @@ from .architectures import Architecture, architecture
 from .graph import OPSET, ScoringModel, Shapes, export_graph, forget_last_graph
 from .lora import MODES, find_sites, initial_tensors, lora_sites, wrap_sites
 from .mobile import (
-    NPU_INPUTS,
     export_npu_graph,
     finish_target,
     initial_lora_feeds,
@@ -55,17 +55,6 @@ TARGETS_KNOWN = ("nnapi", "qnn", "coreml")
 QUANTIZE_KNOWN = ("int8",)
 DEFAULT_RANK = 8
 DEFAULT_CANDIDATES = 2  # static graphs: two label words (binary classification)
-
-# Training defaults for models without a recipe (the recipes' tuned values, see
-# models/smollm2-135m.toml); a recipe's [train] table overrides them.
-DEFAULT_TRAINING: dict[str, Any] = {
-    "lr": 1e-2,
-    "eps": 1e-2,
-    "queries": 1,
-    "batch_size": 16,
-    "steps": 1000,
-    "eval_every": 100,
-}
 
 Progress = Callable[[str], None]
 
@@ -158,7 +147,7 @@ def export_bundle(
             tokenizer=tokenizer_info,
             adapter_init=ADAPTER_INIT,
             static=None if shapes.dynamic else _static_dims(shapes),
-            defaults=DEFAULT_TRAINING | dict(recipe.get("train", {})),
+            defaults=dict(recipe.get("train", {})),  # zoo_ort.settings owns the rest
         )
         _check_graph_io(stage / GRAPH_FILE, manifest)
         write_manifest(stage, manifest)
@@ -214,7 +203,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ZooError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ZooError(f"{out} exists and is not empty; pass overwrite to replace it")
+        raise ZooError(
+            f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it"
+        )
     if out.is_dir() and out.resolve() == Path.cwd().resolve():
         raise ZooError(f"{out} is the current folder; export into a new folder")
 

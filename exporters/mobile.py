@@ -27,43 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo_ort.bundle import CANDIDATES, ROWS, SEQ, TARGETS, TensorSpec
-from zoo_ort.engine import NPU_SCHEME as HOST_SCHEME  # manifest.graph["host_inputs"]["scheme"]
+from zoo_ort.bundle import NPU_INPUTS
+from zoo_ort.bundle import NPU_SCHEME as HOST_SCHEME  # manifest.graph["host_inputs"]["scheme"]
 
-NPU_INPUTS = [
-    TensorSpec("input_ids", "int64", [ROWS, SEQ], "token ids; padding anywhere, masked out"),
-    TensorSpec(
-        "attention_bias",
-        "float32",
-        [ROWS, 1, SEQ, SEQ],
-        "additive attention mask: 0 where query i may see key j (causal, real key), -1e4 else",
-    ),
-    TensorSpec("position_ids", "int64", [ROWS, SEQ], "position of each token among real tokens"),
-    TensorSpec(
-        "target_select",
-        "float32",
-        [ROWS, TARGETS, SEQ],
-        "one-hot of target_pos: row k selects the hidden state scored at slot k",
-    ),
-    TensorSpec(
-        "target_index",
-        "int64",
-        [ROWS, TARGETS],
-        "flat index (n*K + k)*V + target_id into the [N, K, V] softmax",
-    ),
-    TensorSpec(
-        "target_weight",
-        "float32",
-        [ROWS, TARGETS],
-        "-target_mask / max(1, real slots): loss = sum_k weight * log p(target)",
-    ),
-    TensorSpec(
-        "candidate_index",
-        "int64",
-        [ROWS, TARGETS, CANDIDATES],
-        "flat index (n*K + k)*V + candidate_id into the [N, K, V] softmax",
-    ),
-]
 # Added to probabilities before the log so that a slot whose target underflows to p = 0 stays
 # finite (a masked slot's weight 0 must not meet -inf); it moves log p only below about -60.
 PROB_FLOOR = 1e-30
@@ -292,7 +258,7 @@ def npu_example_inputs(shapes, vocab_size: int) -> tuple:
     import numpy as np
     import torch
 
-    from zoo_ort.engine import npu_inputs
+    from zoo_ort.bundle import npu_inputs
 
     from .graph import example_inputs
 

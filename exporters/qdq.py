@@ -121,7 +121,7 @@ def quantize_stage(
     vocab_size: int,
 ) -> dict[str, Any]:
     """Replace ``stage/graph_file`` (an NPU graph) by its QDQ copy; returns manifest fields."""
-    from zoo_ort.engine import npu_inputs
+    from zoo_ort.bundle import npu_inputs
 
     calibration = [npu_inputs(tokens, vocab_size) | lora_feeds for tokens in token_feeds]
     work = stage / "qdq"

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from zoo_ort.batch import TokenBatch
 from zoo_ort.bundle import Bundle, load_bundle
+from zoo_ort.engine.protocol import TokenBatch
 
 
 @dataclass(frozen=True)

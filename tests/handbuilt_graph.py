@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from zoo_ort.batch import TokenBatch
 from zoo_ort.bundle import (
     OUTPUTS,
     TOKEN_INPUTS,
@@ -27,6 +26,7 @@ from zoo_ort.bundle import (
     load_bundle,
     write_manifest,
 )
+from zoo_ort.engine.protocol import TokenBatch
 from zoo_ort.io import atomic_write_bytes, atomic_write_text, save_tensors
 
 VOCAB, HIDDEN, RANK, ALPHA = 13, 8, 2, 4.0

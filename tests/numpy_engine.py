@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from zoo_ort.batch import EngineOutput, TokenBatch
-from zoo_ort.labeled import LabeledBatch
+from zoo_ort.engine.protocol import EngineOutput, LabeledBatch, TokenBatch
 
 POISON = 99  # a first token id that makes the row's loss NaN
 VOCAB, DIM, RANK, SEQ = 8, 6, 2, 5

@@ -15,6 +15,7 @@ from zoo_ort.providers import make_session
 from zoo_ort.adapters import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
+    ZOO_META,
     bundle_fingerprint,
     load_peft_adapter,
     onnx_adapter_model_version,
@@ -42,7 +43,8 @@ def test_peft_folder_layout_and_round_trip(tmp_path, mode):
     man = handbuilt_manifest(mode)
     params, frozen = _trained(man)
     out = save_peft_adapter(tmp_path / "adapter", man, params, frozen, extra={"step": 12})
-    assert sorted(p.name for p in out.iterdir()) == [PEFT_CONFIG, PEFT_WEIGHTS]  # no temp files
+    # no temp files; zoo-ort's metadata beside PEFT's two files
+    assert sorted(p.name for p in out.iterdir()) == [PEFT_CONFIG, PEFT_WEIGHTS, ZOO_META]
     weights = load_tensors(out / PEFT_WEIGHTS)
     prefix = "base_model.model.layers.0.proj"
     a = {**params, **frozen}["layers.0.proj.lora_A"]
@@ -56,7 +58,8 @@ def test_peft_folder_layout_and_round_trip(tmp_path, mode):
     assert config["target_modules"] == ["proj"] and config["fan_in_fan_out"] is False
     assert config["base_model_name_or_path"] == "handbuilt/tiny"
     assert (config["bias"], config["lora_dropout"], config["inference_mode"]) == ("none", 0.0, True)
-    block = config["zoo_ort"]
+    assert "zoo_ort" not in config
+    block = json.loads((out / ZOO_META).read_text())
     assert block["bundle_fingerprint"] == bundle_fingerprint(man)
     assert block["mode"] == mode and block["step"] == 12 and block["sites"] == ["layers.0.proj"]
 
@@ -64,6 +67,30 @@ def test_peft_folder_layout_and_round_trip(tmp_path, mode):
     assert set(loaded) == {"layers.0.proj.lora_A", "layers.0.proj.lora_B"}
     np.testing.assert_array_equal(loaded["layers.0.proj.lora_A"], a)
     np.testing.assert_array_equal(loaded["layers.0.proj.lora_B"], b)
+
+
+def test_adapter_config_holds_only_what_peft_knows(tmp_path):
+    """peft warns about (and drops) keys its LoraConfig does not have: there must be none."""
+    peft = pytest.importorskip("peft")
+    import dataclasses
+
+    man = handbuilt_manifest("fa")
+    out = save_peft_adapter(tmp_path / "adapter", man, *_trained(man))
+    config = json.loads((out / PEFT_CONFIG).read_text())
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert set(config) <= known, sorted(set(config) - known)
+
+
+def test_base_model_is_where_from_pretrained_finds_it(tmp_path):
+    """The hub id when the bundle knows it, else the local model it was exported from."""
+    from dataclasses import replace
+
+    man = handbuilt_manifest("fa")
+    hub = replace(man, source={"model": "smollm2-135m", "hub_id": "Org/Model", "location": "/x"})
+    local = replace(man, source={"model": "tiny", "location": "/models/tiny"})
+    for manifest, want in ((hub, "Org/Model"), (local, "/models/tiny")):
+        folder = save_peft_adapter(tmp_path / want.replace("/", "_"), manifest, *_trained(man))
+        assert json.loads((folder / PEFT_CONFIG).read_text())["base_model_name_or_path"] == want
 
 
 def test_save_rejects_tensors_that_do_not_fit(tmp_path):

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from zoo_ort.checkpoint import (
+from zoo_ort.errors import ZooError
+from zoo_ort.loop.checkpoint import (
     CHECKPOINT_DIR,
     LATEST,
     Checkpoint,
@@ -16,7 +17,6 @@ from zoo_ort.checkpoint import (
     save_checkpoint,
     tensors_digest,
 )
-from zoo_ort.errors import ZooError
 
 
 def _ckpt(step, value=1.0):

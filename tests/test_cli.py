@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ SST2 = REPO.parent / "shared" / "data" / "sst2"
 def zoo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200")
     return subprocess.run(
-        [sys.executable, "-m", "zoo_ort.cli", *map(str, args)],
+        [sys.executable, "-m", "zoo_ort", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -121,9 +123,10 @@ def test_eval_with_adapter_matches_the_runs_final_evaluation(tiny_bundle: Path, 
 def test_providers_lists_cpu_usable_and_cuda_not():
     res = zoo("providers")
     assert res.returncode == 0, res.stderr
-    line = {ln.split("│")[1].strip(): ln for ln in res.stdout.splitlines() if ln.count("│") > 3}
-    assert "yes" in line["cpu"]
-    assert "no" in line["cuda"]
+    line = {ln.split(" ")[0]: ln for ln in res.stdout.splitlines() if "usable here:" in ln}
+    assert "usable here: yes" in line["cpu"]
+    assert "usable here: no" in line["cuda"]
+    assert "CUDAExecutionProvider" in line["cuda"]  # names are never cut
 
 
 @pytest.mark.parametrize(
@@ -171,5 +174,111 @@ def test_export_bad_input_writes_nothing(tmp_path: Path):
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert_clean_error(zoo("export", "smollm2-135m", "--out", out))
+    assert_clean_error(zoo("export", "smollm2-135m", "--out", out), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
+
+
+# -- what a newcomer meets --------------------------------------------------------------------
+
+
+def test_version_help_defaults_and_show_config(tiny_bundle: Path, tmp_path: Path):
+    from zoo_ort import __version__
+    from zoo_ort.settings import DEFAULTS
+
+    res = zoo("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"zoo-ort {__version__}"
+    res = zoo("train", "--help")
+    text = " ".join(res.stdout.split())
+    assert f"(default {DEFAULTS.lr}; a recipe may set another)" in text
+    assert "--out" in text and "required" in text
+    assert "recipe" in text and "--show-config" in text
+    res = zoo(
+        "train",
+        tiny_bundle,
+        "--data",
+        "sentiment",
+        "--out",
+        tmp_path / "s",
+        "--lr",
+        "0.5",
+        "--show-config",
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {ln.split("│")[1].strip(): ln for ln in res.stdout.splitlines() if ln.count("│") >= 3}
+    assert "0.5" in rows["lr"] and "flags" in rows["lr"]
+    assert "default" in rows["adam_eps"]
+    assert not (tmp_path / "s").exists()  # --show-config writes nothing
+
+
+def test_help_fits_100_columns():
+    env = dict(os.environ, COLUMNS="100")
+    res = subprocess.run(
+        [sys.executable, "-m", "zoo_ort", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0
+    # every description column starts early enough to hold a readable sentence
+    for line in res.stdout.splitlines():
+        if line.startswith("│ --") or line.startswith("│ *  --"):
+            assert len(line) <= 100
+            assert line.rstrip("│ ").find("  ", 4) < 50, line
+
+
+def test_missing_data_folder_is_named_before_the_task(tiny_bundle: Path, tmp_path: Path):
+    res = zoo("train", tiny_bundle, "--data", tmp_path / "missing", "--out", tmp_path / "r")
+    assert_clean_error(res, "no such data file or folder")
+
+
+def test_eval_accepts_a_run_folder(tiny_bundle: Path, run_dir: Path):
+    res = zoo("eval", tiny_bundle, "--data", "sentiment", "--eval-rows", "16", "--adapter", run_dir)
+    assert res.returncode == 0, res.stderr
+    assert "best" in res.stderr
+    best = zoo(
+        "eval",
+        tiny_bundle,
+        "--data",
+        "sentiment",
+        "--eval-rows",
+        "16",
+        "--adapter",
+        run_dir / "best",
+    )
+    assert res.stdout == best.stdout
+
+
+def test_resume_says_where_and_a_finished_run_is_left_alone(tiny_bundle: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = ["train", tiny_bundle, *TRAIN, "--out", out]
+    assert zoo(*args).returncode == 0
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    res = zoo(*args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "already finished" in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
+    # a run stopped half way: kill it from outside after its first checkpoint, then resume
+    half = tmp_path / "half"
+    long = ["train", tiny_bundle, *TRAIN, "--steps", "400", "--eval-every", "100", "--out", half]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zoo_ort", *map(str, long)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(half / "checkpoints" / "latest.json")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr  # saved, not finished: `train && next` must stop
+    step = json.loads((half / "checkpoints" / "latest.json").read_text())["step"]
+    assert 0 < step < 400
+    res = zoo(*long, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from step {step} of 400" in res.stdout + res.stderr
+
+
+def _wait_for(path: Path, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)

@@ -17,9 +17,9 @@ from handbuilt_graph import (
 )
 from zoo_ort.providers import parse_options
 
-from zoo_ort.batch import Engine, TokenBatch
 from zoo_ort.bundle import load_bundle
 from zoo_ort.engine import OrtEngine
+from zoo_ort.engine.protocol import Engine, TokenBatch
 from zoo_ort.errors import ZooError
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

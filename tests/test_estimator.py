@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from numpy_engine import NumpyEngine, lora_tensors, make_batch, split_fa
 
+from zoo_ort.engine.scratch import Scratch
 from zoo_ort.errors import ZooError
-from zoo_ort.estimator import (
+from zoo_ort.zo import (
     directions,
     evaluate_queries,
     grad_from_scalars,
@@ -16,7 +17,6 @@ from zoo_ort.estimator import (
     projected_grads,
     row_slices,
 )
-from zoo_ort.scratch import Scratch
 
 
 def _setup(b_scale=0.1):
@@ -244,7 +244,7 @@ def test_non_finite_losses_are_flagged():
 def test_candidates_loss_needs_labels():
     params, frozen = _setup()
     batch = make_batch(0, 0)
-    from zoo_ort.labeled import LabeledBatch
+    from zoo_ort.engine.protocol import LabeledBatch
 
     with pytest.raises(ZooError, match="candidates"):
         evaluate_queries(

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from zoo_ort.batch import EngineOutput, TokenBatch
-from zoo_ort.evaluate import broadcast_lora, evaluate
+from zoo_ort.engine.protocol import EngineOutput, TokenBatch
+from zoo_ort.loop.evaluate import broadcast_lora, evaluate
 from zoo_ort.tasks import TextEncoder, build_task, load_task_data
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -17,14 +17,16 @@ def test_embedding_example_trains_its_own_engine():
 
 def test_sst2_example_config_resolves(tiny_bundle):
     """The SST-2 run's published settings load as a config and win over the recipe's."""
-    from zoo_ort.run import resolve_config
+    from zoo_ort.app.wiring import resolve
 
     config = EXAMPLE.parent / "sst2-prge.toml"
-    cfg = resolve_config(tiny_bundle, {"out": None}, config)
-    assert (cfg["lr"], cfg["schedule"], cfg["steps"], cfg["loss"]) == (
+    resolved = resolve(tiny_bundle, {"out": None}, config, for_training=False)
+    s = resolved.settings
+    assert (s.lr, s.schedule, s.steps, s.loss) == (
         0.005,
         "cosine",
         1600,
         "candidates",
     )
-    assert cfg["task"] == "sst2" and cfg["data"] == "../shared/data/sst2"
+    assert s.task == "sst2" and s.data == "../shared/data/sst2"
+    assert resolved.sources["lr"] == str(config) and resolved.sources["adam_eps"] == "default"

@@ -24,8 +24,8 @@ from export_reference import (
 )
 from tokenizers import Tokenizer
 
-from zoo_ort.batch import TokenBatch
 from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS, load_bundle
+from zoo_ort.engine.protocol import TokenBatch
 
 VOCAB = 384  # the tiny tokenizer's vocabulary (zoo_ort.exporters.tiny)
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "opt"]

@@ -7,8 +7,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from zoo_ort.bundle import load_bundle
-from zoo_ort.engine import OrtEngine, npu_inputs
+from zoo_ort.bundle import load_bundle, npu_inputs
+from zoo_ort.engine import OrtEngine
 from zoo_ort.errors import ZooError
 
 # ops that building the mask and the in-graph loss used to bring (ORT's checker: not NNAPI)
@@ -41,7 +41,7 @@ def test_npu_graph_matches_dynamic_bundle(tiny_bundle, nnapi_bundle):
     assert m.graph["target"] == "nnapi" and m.graph["host_inputs"]["scheme"] == "npu-v1"
     from zoo_ort.exporters.mobile import NPU_INPUTS
 
-    from zoo_ort.engine import NPU_INPUT_NAMES
+    from zoo_ort.bundle import NPU_INPUT_NAMES
 
     assert [s.name for s in NPU_INPUTS] == list(NPU_INPUT_NAMES)
     assert [i.name for i in m.inputs][: len(NPU_INPUTS)] == list(NPU_INPUT_NAMES)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from zoo_ort import optim
 from zoo_ort.errors import ZooError
 from zoo_ort.io import load_tensors, save_tensors
+from zoo_ort.zo import optim
 
 
 def _params():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from handbuilt_graph import make_bundle, random_batch, random_lora, reference, weights
 
-from zoo_ort.batch import TokenBatch
 from zoo_ort.engine import OrtEngine
-from zoo_ort.padding import length_groups, row_widths, take_trimmed
+from zoo_ort.engine.padding import length_groups, row_widths, take_trimmed
+from zoo_ort.engine.protocol import TokenBatch
 
 
 def _cost(groups, widths, call_cost):

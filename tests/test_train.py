@@ -13,18 +13,19 @@ import numpy as np
 import pytest
 from numpy_engine import NumpyEngine, accuracy, batches_fn, lora_tensors, split_fa
 
-from zoo_ort.checkpoint import load_latest
+from zoo_ort.engine.protocol import LabeledBatch
 from zoo_ort.errors import ZooError
 from zoo_ort.io import load_tensors, save_tensors
-from zoo_ort.labeled import LabeledBatch
-from zoo_ort.metrics import plot, read_metrics
-from zoo_ort.train import TrainConfig, train
+from zoo_ort.loop.checkpoint import load_latest
+from zoo_ort.loop.metrics import plot, read_metrics
+from zoo_ort.loop.train import train
+from zoo_ort.settings import Settings, resolve_settings, settings
 
 TESTS = Path(__file__).resolve().parent
 TIMING = {"rows_per_s", "step_time", "steps_per_s", "eval_s"}
 
 
-def _config(**kw) -> TrainConfig:
+def _config(**kw) -> Settings:
     base = dict(
         steps=30,
         lr=0.05,
@@ -40,8 +41,9 @@ def _config(**kw) -> TrainConfig:
         save_every=4,
         eval_every=5,
         best_metric="accuracy",
+        eval_at_start=False,
     )
-    return TrainConfig(**(base | kw))
+    return settings(**(base | kw))
 
 
 def _save_adapter(params, frozen, path: Path) -> None:
@@ -96,7 +98,7 @@ def test_loss_goes_down_on_quadratic(tmp_path, optimizer):
     frozen = {"l0.A": np.zeros((6, 2), np.float32), "l1.A": np.zeros((6, 2), np.float32)}
     engine = NumpyEngine("quadratic", targets=targets)
     lr = 0.02 if optimizer == "sgd" else 0.05
-    cfg = TrainConfig(
+    cfg = settings(
         steps=150,
         lr=lr,
         eps=1e-3,
@@ -125,9 +127,9 @@ def test_softmax_model_learns(tmp_path, loss):
 
 
 def test_batched_and_sequential_train_identically(tmp_path):
-    a = _run(tmp_path / "a", _config(mode="batched"))
-    b = _run(tmp_path / "b", _config(mode="sequential"))
-    c = _run(tmp_path / "c", _config(mode="batched", row_budget=5))
+    a = _run(tmp_path / "a", _config(estimator="batched"))
+    b = _run(tmp_path / "b", _config(estimator="sequential"))
+    c = _run(tmp_path / "c", _config(estimator="batched", row_budget=5))
     for other in (b, c):
         for k in a.params:
             np.testing.assert_array_equal(a.params[k], other.params[k])
@@ -321,24 +323,28 @@ def test_candidates_loss_on_unlabelled_data(tmp_path):
         )
 
 
+def _from_dict(d):
+    return resolve_settings([("test", d)]).settings
+
+
 def test_config_from_dict():
-    cfg = TrainConfig.from_dict({"steps": 10, "lr": 1, "betas": [0.8, 0.9], "row_budget": None})
+    cfg = _from_dict({"steps": 10, "lr": 1, "betas": [0.8, 0.9], "row_budget": None})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.betas == (0.8, 0.9)
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ZooError, match="unknown training setting"):
-        TrainConfig.from_dict({"stepz": 10})
+    assert _from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ZooError, match="unknown setting"):
+        _from_dict({"stepz": 10})
     with pytest.raises(ZooError):
-        TrainConfig.from_dict({"steps": "10"})
+        _from_dict({"steps": "10"})
     with pytest.raises(ZooError):
-        TrainConfig.from_dict({"steps": 1.5})
-    with pytest.raises(ZooError, match="mode"):
-        TrainConfig.from_dict({"mode": "parallel"})
+        _from_dict({"steps": 1.5})
+    with pytest.raises(ZooError, match="estimator"):
+        _from_dict({"estimator": "parallel"})
     with pytest.raises(ZooError):
-        TrainConfig.from_dict({"eps": 0})
+        _from_dict({"eps": 0})
 
 
 def test_metrics_log_survives_torn_line_and_plot_without_matplotlib(tmp_path, monkeypatch):
-    from zoo_ort.metrics import MetricsLog
+    from zoo_ort.loop.metrics import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.append({"step": 1, "loss": np.float32(2.0), "g": np.array([1.0, float("nan")])})

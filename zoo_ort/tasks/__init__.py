@@ -9,10 +9,10 @@ Typical use::
     batches(step)                                   # -> LabeledBatch, a pure function of the step
 """
 
-from zoo_ort.tasks.batches import batch_indices, epoch_permutation, make_batch_fn
 from zoo_ort.tasks.dataset import DEFAULT_MAX_LENGTH, TaskData, load_task_data, truncate_prompt
 from zoo_ort.tasks.encode import TextEncoder
 from zoo_ort.tasks.files import Record, read_records, resolve_data, shipped_sets, split_file
+from zoo_ort.tasks.sampler import batch_indices, epoch_permutation, make_batch_fn
 from zoo_ort.tasks.spec import (
     BUILTIN,
     CLASSIFICATION,

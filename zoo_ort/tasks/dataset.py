@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo_ort.batch import TokenBatch
+from zoo_ort.engine.protocol import LabeledBatch, TokenBatch
 from zoo_ort.errors import ZooError
-from zoo_ort.labeled import LabeledBatch
 from zoo_ort.tasks.encode import TextEncoder
 from zoo_ort.tasks.files import Record, field_text, read_records, resolve_data, split_file
 from zoo_ort.tasks.spec import LM, TaskSpec

@@ -19,13 +19,11 @@ from typing import NamedTuple
 import numpy as np
 
 from zoo_ort.errors import ZooError
+from zoo_ort.settings import OPTIMIZERS, SCHEDULES
 
 Params = dict[str, np.ndarray]
 State = dict[str, "np.ndarray | int"]
 Schedule = Callable[[int], float]
-
-OPTIMIZERS = ("sgd", "adam", "sign")
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 class GradientTransformation(NamedTuple):

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from zoo_ort.labeled import LabeledBatch
+from zoo_ort.engine.protocol import LabeledBatch
 from zoo_ort.tasks.dataset import TaskData
 
 SHUFFLE_TAG = 0x5D47A  # keeps the data order's random stream apart from the directions'

@@ -1,4 +1,4 @@
-"""Writing trained LoRA tensors as a PEFT adapter folder and as ONNX Runtime's ``.onnx_adapter``.
+"""Trained LoRA tensors as a PEFT adapter folder (the interchange format), and back.
 
 zoo-ort's orientation is ``A [in, r]``, ``B [r, out]`` (``y += (alpha/r) * x @ A @ B``); PEFT
 stores ``lora_A.weight [r, in] = A^T`` and ``lora_B.weight [out, r] = B^T`` with the same
@@ -12,22 +12,23 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from zoo_ort.bundle import FORMAT_VERSION, Manifest, check_lora_tensors
 from zoo_ort.errors import ZooError
-from zoo_ort.io import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from zoo_ort.io import atomic_write_json, load_tensors, read_json, save_tensors
 
 log = logging.getLogger(__name__)
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+# zoo-ort's own metadata sits beside PEFT's files, so adapter_config.json stays exactly what peft
+# expects (peft warns about keys it does not know).
+ZOO_META = "zoo_ort_adapter.json"
 ADAPTER_FORMAT = "zoo-ort-adapter"
 
 
@@ -43,7 +44,7 @@ def bundle_fingerprint(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _all_tensors(
+def all_tensors(
     manifest: Manifest, params: Mapping[str, np.ndarray], frozen: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     tensors = {**dict(frozen), **dict(params)}
@@ -69,7 +70,7 @@ def save_peft_adapter(
     ``zoo_ort`` block (e.g. the run's step). Both files are written atomically.
     """
     out = Path(out_dir)
-    tensors = _all_tensors(manifest, params, frozen)
+    tensors = all_tensors(manifest, params, frozen)
     weights = {}
     for site in manifest.lora.sites:
         a_key, b_key = _peft_keys(site.peft_prefix)
@@ -79,7 +80,7 @@ def save_peft_adapter(
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": manifest.source.get("model"),
+        "base_model_name_or_path": base_model_source(manifest),
         "r": lo.rank,
         "lora_alpha": lo.alpha,
         "target_modules": list(lo.target_modules),
@@ -91,16 +92,16 @@ def save_peft_adapter(
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
-        "zoo_ort": {
-            "format": ADAPTER_FORMAT,
-            "format_version": 1,
-            "bundle_fingerprint": bundle_fingerprint(manifest),
-            "bundle_format_version": FORMAT_VERSION,
-            "source": dict(manifest.source),
-            "mode": lo.mode,
-            "sites": [s.module for s in lo.sites],
-            **dict(extra or {}),
-        },
+    }
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "format_version": 1,
+        "bundle_fingerprint": bundle_fingerprint(manifest),
+        "bundle_format_version": FORMAT_VERSION,
+        "source": dict(manifest.source),
+        "mode": lo.mode,
+        "sites": [s.module for s in lo.sites],
+        **dict(extra or {}),
     }
     save_tensors(
         out / PEFT_WEIGHTS,
@@ -108,7 +109,14 @@ def save_peft_adapter(
         metadata={"format": "pt", "zoo_ort_bundle": bundle_fingerprint(manifest)},
     )
     atomic_write_json(out / PEFT_CONFIG, config)
+    atomic_write_json(out / ZOO_META, meta)
     return out
+
+
+def base_model_source(manifest: Manifest) -> str | None:
+    """The base model as ``from_pretrained`` takes it: hub id, else the local folder or file."""
+    source = manifest.source
+    return source.get("hub_id") or source.get("location") or source.get("model")
 
 
 def _different(folder: Path, detail: str) -> ZooError:
@@ -142,14 +150,9 @@ def load_peft_adapter(folder: str | Path, manifest: Manifest) -> dict[str, np.nd
     alpha = float(config.get("lora_alpha", rank))
     file_scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     b_factor = file_scale / lo.scale
-    base = config.get("base_model_name_or_path")
-    if base and manifest.source.get("model") and base != manifest.source.get("model"):
-        log.warning(
-            "adapter %s names base model %s, the bundle %s",
-            folder,
-            base,
-            manifest.source.get("model"),
-        )
+    base, ours = config.get("base_model_name_or_path"), base_model_source(manifest)
+    if base and ours and base != ours:
+        log.warning("adapter %s names base model %s, the bundle %s", folder, base, ours)
 
     raw = load_tensors(folder / PEFT_WEIGHTS)
     # PEFT strips the adapter name when saving; tolerate files that kept ".default".
@@ -180,41 +183,3 @@ def load_peft_adapter(folder: str | Path, manifest: Manifest) -> dict[str, np.nd
         b = weights[b_key].T.astype(np.float32)
         out[site.B.input] = np.ascontiguousarray(b * b_factor if b_factor != 1.0 else b)
     return out
-
-
-def onnx_adapter_model_version(manifest: Manifest) -> int:
-    """The ``model_version`` of our ``.onnx_adapter`` files: 28 bits of the bundle fingerprint."""
-    return int(bundle_fingerprint(manifest)[:7], 16)
-
-
-def save_onnx_adapter(
-    path: str | Path,
-    manifest: Manifest,
-    params: Mapping[str, np.ndarray],
-    frozen: Mapping[str, np.ndarray],
-) -> Path:
-    """Write ONNX Runtime's ``.onnx_adapter`` for the bundle's graph, atomically.
-
-    Parameters are keyed by graph input name. Per-row tensors get a leading row dimension of 1,
-    so the adapter drives one-row runs (``onnxruntime.LoraAdapter`` + ``RunOptions.
-    add_active_adapter`` in the C/C++/C#/Java APIs, or its tensors fed as inputs). The adapter
-    version is 1; the model version is :func:`onnx_adapter_model_version`.
-    """
-    path = Path(path)
-    tensors = _all_tensors(manifest, params, frozen)
-    dtypes = {t.name: t.dtype for t in manifest.inputs}
-    arrays = {}
-    for t in manifest.lora_tensors():
-        array = tensors[t.input].astype(dtypes.get(t.input, "float32"))
-        arrays[t.input] = np.ascontiguousarray(array[None] if t.per_row else array)
-    adapter = ort.AdapterFormat()
-    adapter.set_adapter_version(1)
-    adapter.set_model_version(onnx_adapter_model_version(manifest))
-    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        staged = Path(tmp) / "adapter.onnx_adapter"
-        adapter.export_adapter(str(staged))
-        data = staged.read_bytes()
-    atomic_write_bytes(path, data)
-    return path

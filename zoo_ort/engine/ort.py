@@ -18,12 +18,21 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from zoo_ort.batch import EngineOutput, TokenBatch
-from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS, Bundle, Manifest, TensorSpec
+from zoo_ort.bundle import (
+    NPU_INPUT_NAMES,
+    NPU_SCHEME,
+    OUTPUTS,
+    TOKEN_INPUTS,
+    Bundle,
+    Manifest,
+    TensorSpec,
+    npu_inputs,
+)
+from zoo_ort.engine.padding import length_groups, row_widths, take_trimmed
+from zoo_ort.engine.protocol import EngineOutput, TokenBatch
+from zoo_ort.engine.scratch import Scratch
 from zoo_ort.errors import ZooError
-from zoo_ort.padding import length_groups, row_widths, take_trimmed
 from zoo_ort.providers import get_spec, make_session
-from zoo_ort.scratch import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -60,49 +69,6 @@ def _dims_problem(where: str, graph: Sequence[Any], want: Sequence[Any], static:
         if isinstance(g, int) and g != fixed:
             return f"{where} axis {axis} is {g} in the graph, {fixed} in the manifest"
     return ""
-
-
-NPU_SCHEME = "npu-v1"
-NPU_INPUT_NAMES = (
-    "input_ids",
-    "attention_bias",
-    "position_ids",
-    "target_select",
-    "target_index",
-    "target_weight",
-    "candidate_index",
-)
-MASKED = -1e4  # additive bias of a masked key; finite, so fp16 NPUs see no inf - inf
-
-
-def npu_inputs(feeds: Mapping[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
-    """The host-built graph inputs of an NPU bundle (scheme "npu-v1") from a padded token batch.
-
-    Mask, positions, target selection and loss weights are computed here with numpy instead of
-    in the graph, because the mobile EPs (NNAPI, CoreML) cannot run the ops that build them.
-    """
-    mask = np.asarray(feeds["attention_mask"]).astype(bool)
-    n, t = mask.shape
-    target_pos = np.asarray(feeds["target_pos"], np.int64)
-    k = target_pos.shape[1]
-    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
-    allowed = np.tril(np.ones((t, t), dtype=bool))[None] & mask[:, None, :]
-    bias = np.where(allowed, np.float32(0), np.float32(MASKED)).astype(np.float32)[:, None]
-    select = np.zeros((n, k, t), np.float32)
-    np.put_along_axis(select, target_pos[..., None], 1.0, axis=-1)
-    base = (np.arange(n)[:, None] * k + np.arange(k)[None, :]) * vocab_size  # [N, K]
-    target_mask = np.asarray(feeds["target_mask"], np.float32)
-    count = np.maximum(target_mask.sum(-1, keepdims=True), 1.0)
-    candidates = np.asarray(feeds["candidate_ids"], np.int64)
-    return {
-        "input_ids": np.asarray(feeds["input_ids"], np.int64),
-        "attention_bias": bias,
-        "position_ids": positions,
-        "target_select": select,
-        "target_index": base + np.asarray(feeds["target_ids"], np.int64),
-        "target_weight": (-target_mask / count).astype(np.float32),
-        "candidate_index": base[..., None] + candidates[:, None, :],
-    }
 
 
 def _host_scheme(manifest: Manifest) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""The engine boundary: a token batch and per-row LoRA tensors in, per-row scores out.
+"""The engine protocol: a token batch and per-row LoRA tensors in, per-row scores out.
 
 The trainer knows nothing of ONNX: it talks to anything that implements :class:`Engine`.
 Row ``n`` of every array belongs together; LoRA tensors marked per-row in the manifest carry a
@@ -64,3 +64,25 @@ class Engine(Protocol):
         Per-row tensors have a leading dimension equal to ``batch.rows``.
         """
         ...
+
+
+@dataclass(frozen=True)
+class LabeledBatch:
+    """``B`` examples: the tokens, and for classification the gold candidate index per example.
+
+    ``labels[b]`` indexes ``tokens.candidate_ids[b]`` (int64 ``[B]``); ``None`` for LM data, where
+    only the ``"lm"`` loss (``EngineOutput.loss``) is defined.
+    """
+
+    tokens: TokenBatch
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.tokens.rows
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            labels = np.asarray(self.labels)
+            if labels.shape != (self.tokens.rows,):
+                raise ValueError(f"labels has shape {labels.shape}, expected ({self.tokens.rows},)")

@@ -1,5 +1,5 @@
-"""Evaluation through any :class:`~zoo_ort.batch.Engine`: accuracy for classification, loss and
-perplexity for LM data."""
+"""Evaluation through any :class:`~zoo_ort.engine.protocol.Engine`: accuracy for
+classification, loss and perplexity for LM data."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from zoo_ort.batch import Engine
+from zoo_ort.engine.protocol import Engine
 from zoo_ort.tasks.dataset import TaskData
+from zoo_ort.zo.losses import candidate_cross_entropy
 
 
 def broadcast_lora(
@@ -70,11 +71,8 @@ def evaluate(
             tokens += float(count.sum())
         else:
             logp = np.asarray(out.candidate_logprobs, dtype=np.float64)[:, 0, :]
-            gold = logp[np.arange(rows), batch.labels]
-            top = logp.max(axis=1, keepdims=True)
-            lse = top[:, 0] + np.log(np.exp(logp - top).sum(axis=1))
             correct += int((logp.argmax(axis=1) == batch.labels).sum())
-            cand_loss += float((lse - gold).sum())
+            cand_loss += float(candidate_cross_entropy(logp, batch.labels).sum())
         if progress is not None:
             progress(start + rows, total)
     if total == 0:

@@ -79,7 +79,16 @@ class PlotResult:
     message: str  # what happened, for the CLI to show
 
 
-def plot(run_dir: str | Path) -> PlotResult:
+# What each logged metric is, in the plot's legend ("loss" alone would not say which loss).
+LABELS = {
+    "loss": "dev LM loss (label token's NLL over the vocabulary)",
+    "candidate_loss": "dev candidate loss (CE over the label words)",
+    "accuracy": "dev accuracy",
+    "nll": "dev NLL per token",
+}
+
+
+def plot(run_dir: str | Path, title: str | None = None) -> PlotResult:
     """Draw training loss and evaluation metrics vs step into ``run_dir/plot.png``."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS)
@@ -115,7 +124,7 @@ def plot(run_dir: str | Path) -> PlotResult:
     ax_loss = axes[0] if acc_keys else axes
     xs, ys = series(train, lambda r: r.get("loss"))
     if xs:
-        ax_loss.plot(xs, ys, lw=0.8, alpha=0.5, label="train loss (perturbed rows)")
+        ax_loss.plot(xs, ys, lw=0.8, alpha=0.5, label="train loss (mean of the θ±εz rows)")
         if len(ys) >= 10:
             w = max(len(ys) // 20, 2)
             smooth = [
@@ -126,7 +135,7 @@ def plot(run_dir: str | Path) -> PlotResult:
     for k in eval_keys:
         if k.endswith("loss"):  # counts (examples, tokens) and perplexity have other scales
             ex, ey = series(evals, lambda r, k=k: r["eval"].get(k))
-            ax_loss.plot(ex, ey, "o-", label=f"eval {k}")
+            ax_loss.plot(ex, ey, "o-", label=LABELS.get(k, f"dev {k}"))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=8)
@@ -134,11 +143,13 @@ def plot(run_dir: str | Path) -> PlotResult:
     if acc_keys:
         for k in acc_keys:
             ex, ey = series(evals, lambda r, k=k: r["eval"].get(k))
-            axes[1].plot(ex, ey, "o-", label=f"eval {k}")
+            axes[1].plot(ex, ey, "o-", label=LABELS.get(k, f"dev {k}"))
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("accuracy")
         axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

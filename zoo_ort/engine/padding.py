@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zoo_ort.batch import TokenBatch
+from zoo_ort.engine.protocol import TokenBatch
 
 
 def row_widths(batch: TokenBatch) -> np.ndarray:

@@ -1,0 +1,131 @@
+"""The training state and the pure step ``state, record = zo_step(engine, state, batch, settings)``.
+
+A step is "evaluate the queries → a few scalars → replay the update from seeds". Nothing here
+reads or writes files, keeps time or prints: the loop (:mod:`zoo_ort.loop.train`) orchestrates
+evaluation, checkpoints and logs around it, and workers or federated clients can call it as is.
+The state is all a run needs to continue: a resumed run restores one :class:`TrainState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from zoo_ort.engine.protocol import Engine, LabeledBatch
+from zoo_ort.engine.scratch import Scratch
+from zoo_ort.settings import Settings
+from zoo_ort.zo.directions import grad_from_scalars
+from zoo_ort.zo.estimators import evaluate_queries
+from zoo_ort.zo.optim import GradientTransformation, apply_updates, make_optimizer, make_schedule
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainState:
+    params: Tensors  # trained tensors (per-row inputs of the graph, without the row dim)
+    frozen: Tensors  # shared LoRA tensors: fed to every row, never trained
+    opt_state: dict[str, Any]  # the optimiser's state (optax-style)
+    step: int = 0  # optimisation steps completed: the next step to run
+    non_finite: int = 0  # steps skipped because of non-finite losses or updates
+    best_params: Tensors | None = None  # the best adapter on the dev metric so far
+    best_metric: float | None = None
+    best_step: int | None = None
+    finished: bool = False  # the run reached settings.steps (final adapters written)
+    final_eval: dict[str, Any] | None = None
+
+
+def _opt_key(s: Settings) -> tuple:
+    return (s.optimizer, s.lr, s.schedule, s.warmup, s.steps, s.weight_decay, s.momentum)
+
+
+@lru_cache(maxsize=8)
+def _optimizer(key: tuple, betas: tuple[float, float], adam_eps: float) -> GradientTransformation:
+    name, lr, schedule, warmup, steps, weight_decay, momentum = key
+    return make_optimizer(
+        name, lr, schedule, warmup, steps, weight_decay, momentum, betas, adam_eps
+    )
+
+
+def optimizer(settings: Settings) -> GradientTransformation:
+    """The settings' optimiser (a pure transform; built once per distinct settings)."""
+    return _optimizer(_opt_key(settings), tuple(settings.betas), settings.adam_eps)
+
+
+def init_state(
+    params: Mapping[str, np.ndarray], frozen: Mapping[str, np.ndarray], settings: Settings
+) -> TrainState:
+    """A fresh state: float32 copies of ``params`` (the caller's arrays are never touched)."""
+    params = {k: np.array(v, dtype=np.float32, copy=True) for k, v in params.items()}
+    both = sorted(set(params) & set(frozen))
+    if both:
+        raise ValueError(f"tensors both trained and frozen: {both[:3]}")
+    return TrainState(params, dict(frozen), optimizer(settings).init(params))
+
+
+def _all_finite(*groups: Mapping[str, Any]) -> bool:
+    for group in groups:
+        for v in group.values():
+            arr = np.asarray(v)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                return False
+    return True
+
+
+def zo_step(
+    engine: Engine,
+    state: TrainState,
+    batch: LabeledBatch,
+    settings: Settings,
+    *,
+    scratch: Scratch | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """Run step ``state.step`` on ``batch``; return the next state and the step's record.
+
+    A step whose losses or update are not finite is skipped (parameters and optimiser state
+    unchanged) and counted in ``non_finite``. ``scratch`` (one per run) reuses the perturbed
+    rows' memory between steps; it changes no result.
+    """
+    s, step = settings, state.step
+    lr = make_schedule(s.schedule, s.lr, s.steps, s.warmup)(step - state.non_finite)
+    res = evaluate_queries(
+        engine,
+        state.params,
+        state.frozen,
+        batch,
+        run_seed=s.seed,
+        step=step,
+        q=s.queries,
+        eps=s.eps,
+        loss=s.loss,
+        mode=s.estimator,
+        row_budget=s.row_budget or None,
+        scratch=scratch,
+    )
+    params, opt_state, applied = state.params, state.opt_state, False
+    if res.finite:
+        grads = grad_from_scalars(state.params, res.g, s.seed, step)
+        updates, new_opt = optimizer(s).update(grads, state.opt_state, state.params)
+        new_params = apply_updates(state.params, updates)
+        if _all_finite(new_params, new_opt):
+            params, opt_state, applied = new_params, new_opt, True
+    non_finite = state.non_finite + (not applied)
+    record: dict[str, Any] = {
+        "kind": "step",
+        "step": step + 1,
+        "loss": res.loss,
+        "loss_plus": float(res.loss_plus.mean()),
+        "loss_minus": float(res.loss_minus.mean()),
+        "g": [float(x) for x in res.g],
+        "lr": lr,
+        "skipped": not applied,
+        "non_finite": non_finite,
+        "rows": res.rows,
+        "forwards": res.forwards,
+    }
+    new = replace(state, params=params, opt_state=opt_state, step=step + 1, non_finite=non_finite)
+    return new, record
