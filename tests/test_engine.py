@@ -238,7 +238,7 @@ def test_cuda_engine_matches_cpu_and_keeps_tensors_on_the_device(bundles, kind):
 
 # -- the IO-binding path, exercised with host memory (no GPU needed) ------------------------------
 def test_io_binding_path_on_the_host(bundles):
-    from zoo_ort.engine import _DeviceFeeds
+    from zoo_ort.engine.ort import _DeviceFeeds
 
     bundle = bundles["static"]
     engine = OrtEngine(bundle, threads=1)

@@ -30,3 +30,15 @@ def test_sst2_example_config_resolves(tiny_bundle):
     )
     assert s.task == "sst2" and s.data == "../shared/data/sst2"
     assert resolved.sources["lr"] == str(config) and resolved.sources["adam_eps"] == "default"
+
+
+def test_app_example_trains_a_bundle_through_the_public_path(tiny_bundle, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "embed_in_app", EXAMPLE.parent / "embed_in_app.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(str(tiny_bundle), str(tmp_path / "run"), steps=4)
+    assert set(result) == {"before", "after", "best"}
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "best" / "adapter.onnx_adapter").is_file()

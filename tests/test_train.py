@@ -61,8 +61,7 @@ def _run(run_dir, config, *, engine=None, poison=frozenset(), **kw):
         config,
         run_dir,
         evaluate=lambda lora: accuracy(engine, lora),
-        save_adapter=_save_adapter,
-        **kw,
+        **({"save_adapter": _save_adapter} | kw),
     )
 
 
@@ -361,3 +360,23 @@ def test_metrics_log_survives_torn_line_and_plot_without_matplotlib(tmp_path, mo
     out = plot(tmp_path)
     assert out.path is None and "matplotlib" in out.message
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_time_limit_ends_with_eval_adapters_and_a_resumable_checkpoint(tmp_path, monkeypatch):
+    """A fake clock (1 s per reading) makes the budget deterministic; no wall time is asserted."""
+    import zoo_ort.loop.train as loop
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(ticks)))
+    saved: list[Path] = []
+    cfg = _config(steps=30, time_limit="9s", eval_every=0)
+    part = _run(tmp_path / "part", cfg, save_adapter=lambda p, f, d: saved.append(d))
+    assert part.timed_out and not part.stopped and 0 < part.step < 30
+    assert part.final_eval is not None and {d.name for d in saved} == {"final", "best"}
+    assert load_latest(tmp_path / "part").step == part.step
+    monkeypatch.undo()
+    rest = _run(tmp_path / "part", _config(steps=30, eval_every=0), resume=True)
+    whole = _run(tmp_path / "whole", _config(steps=30, eval_every=0))
+    assert rest.step == whole.step == 30 and not rest.timed_out
+    for k in whole.params:
+        np.testing.assert_array_equal(rest.params[k], whole.params[k])

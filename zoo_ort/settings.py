@@ -9,6 +9,7 @@ from (``zoo-ort train ... --show-config`` prints that). The CLI builds its train
 
 from __future__ import annotations
 
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -75,6 +76,12 @@ class Settings:
     best_metric: str = _s(
         "auto", "Dev metric picking best/ (auto: accuracy, or loss for LM)", "eval", flag=False
     )
+    time_limit: str | None = _s(
+        None,
+        "Stop after this much training time (e.g. 90s, 10m, 1.5h): final eval, adapters, "
+        "checkpoint; --resume continues",
+        "train",
+    )
     # -- run
     bundle: str | None = _s(None, "Bundle folder made by `zoo-ort export`", "run", flag=False)
     out: str | None = _s(None, "Run folder", "run", flag=False)
@@ -106,6 +113,11 @@ class Settings:
         low = any(k in metric for k in ("loss", "nll", "perplexity"))
         return metric, "min" if low else "max"
 
+    @property
+    def time_limit_s(self) -> float | None:
+        """``time_limit`` in seconds (None: no limit)."""
+        return None if self.time_limit is None else _seconds(self.time_limit)
+
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the original: everything that moves parameters."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUME_SAFE}
@@ -115,7 +127,15 @@ FIELDS = {f.name: f for f in fields(Settings)}
 DEFAULTS = Settings()
 # Free to change between a run and its resumption: where it runs and how often it saves.
 RESUME_SAFE = frozenset(
-    {"bundle", "out", "save_every", "keep_checkpoints", "max_non_finite", "eval_batch_size"}
+    {
+        "bundle",
+        "out",
+        "time_limit",
+        "save_every",
+        "keep_checkpoints",
+        "max_non_finite",
+        "eval_batch_size",
+    }
     | {"provider", "fallback", "threads", "provider_options"}
 )
 
@@ -142,8 +162,22 @@ def _problems(s: Settings) -> list[str]:
         (s.max_non_finite >= 0, "max_non_finite must be >= 0"),
         (s.max_length >= 2, "max_length must be >= 2"),
         (s.threads is None or s.threads >= 1, "threads must be >= 1"),
+        (s.time_limit is None or _seconds(s.time_limit) is not None, _TIME_HELP),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+_TIME_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_TIME_HELP = "time_limit must be a positive duration such as 600, 90s, 10m or 1.5h"
+
+
+def _seconds(text: str) -> float | None:
+    """``"10m"`` -> 600.0; None when it does not parse or is not positive."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text).lower())
+    if not m:
+        return None
+    value = float(m.group(1)) * _TIME_UNITS[m.group(2) or ""]
+    return value if value > 0 else None
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -17,6 +17,11 @@ def summary_lines(s: Settings, result: TrainResult, run_dir: Path, wall_s: float
             f"this run already finished ({result.step} steps); nothing was changed. "
             "Train longer in a new --out, or with more --steps from its config."
         )
+    elif result.timed_out:
+        lines.append(
+            f"time limit ({s.time_limit}) reached at step {result.step} of {s.steps}: final "
+            "evaluation, adapters and a checkpoint written; --resume continues the run"
+        )
     elif result.stopped:
         lines.append(f"stopped at step {result.step}; continue with the same command and --resume")
     metric = s.best[0]

@@ -57,6 +57,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # this call's step records
     resumed_from: int | None = None  # the checkpoint's step when this call resumed a run
     already_finished: bool = False  # resumed a finished run: nothing was run or rewritten
+    timed_out: bool = False  # settings.time_limit ended this call (adapters + checkpoint written)
 
 
 def train(
@@ -113,7 +114,8 @@ def train(
         return _evaluate(s, settings, evaluate, save_adapter, run_dir, log)  # type: ignore[arg-type]
 
     history: list[dict[str, Any]] = []
-    stopped = False
+    stopped = timed_out = False
+    started, budget = time.perf_counter(), settings.time_limit_s
     saved_at = ckpt.step if ckpt is not None else None
     scratch = Scratch()  # the perturbed rows' memory, reused by every step
     if ckpt is None and evaluate is not None and settings.eval_at_start:
@@ -125,6 +127,9 @@ def train(
             if saved_at != state.step:
                 checkpoint(state)
             stopped = True
+            break
+        if budget is not None and time.perf_counter() - started >= budget:
+            timed_out = True
             break
         t0 = time.perf_counter()
         state, record = zo_step(engine, state, batches(state.step), settings, scratch=scratch)
@@ -150,17 +155,22 @@ def train(
             checkpoint(state)
             saved_at = done
     if not stopped:
-        if evaluate is not None and state.final_eval is None:  # only if the loop had no steps
+        # The end of the run, or of its time budget: a final evaluation, adapters, a checkpoint.
+        # Only the real end marks the run finished; a timed-out one continues with --resume.
+        scored = history[-1].get("eval") is not None if history else False
+        if evaluate is not None and state.final_eval is None and not scored:
             state, metrics = run_eval(state)
             state = replace(state, final_eval=metrics)
-        state = replace(state, finished=True)
+        state = replace(state, finished=not timed_out)
         checkpoint(state)
         if save_adapter is not None:
             save_adapter(state.params, state.frozen, run_dir / FINAL_DIR)
             if state.best_params is not None:
                 save_adapter(state.best_params, state.frozen, run_dir / BEST_DIR)
     resumed = ckpt.step if ckpt is not None else None
-    return _result(state, run_dir, history, stopped, resumed)
+    result = _result(state, run_dir, history, stopped, resumed)
+    result.timed_out = timed_out
+    return result
 
 
 def _evaluate(
