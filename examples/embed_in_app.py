@@ -22,6 +22,7 @@ def main(bundle: str, run_dir: str, steps: int = 20) -> dict[str, float]:
     ).settings
     p = prepare(settings)
     before = p.evaluate({**p.frozen, **p.params})["accuracy"]
+    # p.train(run_dir) is this call with p's own pieces; spelled out to show what the loop takes.
     result = train(
         p.engine,
         p.params,

@@ -96,6 +96,23 @@ class Prepared:
 
         return make_batch_fn(self.train_data, self.settings.batch_size, self.settings.seed)
 
+    def train(self, run_dir: str | Path, **options: Any) -> Any:
+        """:func:`zoo_ort.loop.train.train` on these pieces: its data order, dev evaluation and
+        adapter files (``options``: resume, on_step, should_stop, fingerprint)."""
+        from zoo_ort.loop.train import train
+
+        return train(
+            self.engine,
+            self.params,
+            self.frozen,
+            self.batches(),
+            self.settings,
+            run_dir,
+            evaluate=self.evaluate,
+            save_adapter=adapter_saver(self.bundle),
+            **options,
+        )
+
     def evaluate(self, lora: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Score the evaluation split with ``lora`` (full LoRA tensors, no row dim)."""
         from zoo_ort.loop.evaluate import evaluate
@@ -197,7 +214,6 @@ def train_run(
 ) -> dict[str, Any]:
     """Train as ``settings`` say; returns a summary (result, evaluations, lines to show)."""
     from zoo_ort.loop.checkpoint import has_checkpoint
-    from zoo_ort.loop.train import train
 
     emit = on_event or (lambda kind, info: None)
     run_dir = Path(settings.out)  # type: ignore[arg-type]
@@ -221,15 +237,8 @@ def train_run(
             emit("eval", {"step": info["step"], "split": "dev", "metrics": info["eval"]})
 
     emit("start", {"steps": settings.steps, "step": 0})
-    result = train(
-        p.engine,
-        p.params,
-        p.frozen,
-        p.batches(),
-        settings,
+    result = p.train(
         run_dir,
-        evaluate=p.evaluate,
-        save_adapter=adapter_saver(p.bundle),
         on_step=on_step,
         resume=resume,
         should_stop=should_stop,
