@@ -22,7 +22,7 @@ from zoo_ort.io import atomic_write_text
 
 # The names the trainer understands. They live here, beside the defaults, so that the loop, the
 # CLI and the validation cannot drift apart; the modules that implement them check membership.
-ESTIMATORS = ("batched", "sequential")
+ESTIMATORS = ("batched", "sequential", "fzoo", "hizoo")
 LOSSES = ("candidates", "lm")
 OPTIMIZERS = ("sgd", "adam", "sign")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -53,7 +53,13 @@ class Settings:
     queries: int = _s(1, "Random directions q per step", "train")
     batch_size: int = _s(16, "Examples B per step", "train")
     estimator: str = _s(
-        "batched", "batched (P-RGE: one pass of 2qB rows) or sequential (MeZO)", "train"
+        "batched",
+        "batched (P-RGE: one pass of 2qB rows), sequential (MeZO), fzoo (Rademacher, one-sided, "
+        "std-normalised; q >= 2) or hizoo (diagonal-Hessian preconditioned)",
+        "train",
+    )
+    hizoo_smooth: float = _s(
+        1e-8, "HiZOO: EMA weight α of the diagonal Hessian estimate (paper: 1e-8)", "train"
     )
     row_budget: int = _s(0, "Most rows per forward pass (0: no limit)", "train")
     loss: str = _s(
@@ -150,6 +156,9 @@ def _problems(s: Settings) -> list[str]:
         (s.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
         (s.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
         (s.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)}"),
+        (0.0 <= s.hizoo_smooth <= 1.0, f"hizoo_smooth must be in [0, 1] (got {s.hizoo_smooth})"),
+        # FZOO divides by the spread of its perturbed losses: one query has none.
+        (s.estimator != "fzoo" or s.queries >= 2, "estimator fzoo needs queries >= 2"),
         (s.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
         (s.warmup >= 0, "warmup must be >= 0"),
         (0.0 <= s.momentum < 1.0, "momentum must be in [0, 1)"),

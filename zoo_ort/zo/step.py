@@ -9,7 +9,7 @@ The state is all a run needs to continue: a resumed run restores one :class:`Tra
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -18,8 +18,9 @@ import numpy as np
 from zoo_ort.engine.protocol import Engine, LabeledBatch
 from zoo_ort.engine.scratch import Scratch
 from zoo_ort.settings import Settings
+from zoo_ort.zo import hizoo
 from zoo_ort.zo.directions import grad_from_scalars
-from zoo_ort.zo.estimators import evaluate_queries
+from zoo_ort.zo.estimators import QueryResult, evaluate_queries
 from zoo_ort.zo.optim import GradientTransformation, apply_updates, make_optimizer, make_schedule
 
 Tensors = dict[str, np.ndarray]
@@ -37,6 +38,7 @@ class TrainState:
     best_step: int | None = None
     finished: bool = False  # the run reached settings.steps (final adapters written)
     final_eval: dict[str, Any] | None = None
+    est_state: Tensors = field(default_factory=dict)  # the estimator's own state (HiZOO's Σ)
 
 
 def _opt_key(s: Settings) -> tuple:
@@ -64,7 +66,8 @@ def init_state(
     both = sorted(set(params) & set(frozen))
     if both:
         raise ValueError(f"tensors both trained and frozen: {both[:3]}")
-    return TrainState(params, dict(frozen), optimizer(settings).init(params))
+    est = hizoo.init_hessian(params) if settings.estimator == "hizoo" else {}
+    return TrainState(params, dict(frozen), optimizer(settings).init(params), est_state=est)
 
 
 def _all_finite(*groups: Mapping[str, Any]) -> bool:
@@ -105,21 +108,24 @@ def zo_step(
         mode=s.estimator,
         row_budget=s.row_budget or None,
         scratch=scratch,
+        scale=hizoo.inv_sqrt(state.est_state) if s.estimator == "hizoo" else None,
     )
-    params, opt_state, applied = state.params, state.opt_state, False
+    params, opt_state, est, applied = state.params, state.opt_state, state.est_state, False
     if res.finite:
-        grads = grad_from_scalars(state.params, res.g, s.seed, step)
+        grads, new_est = _replay(state, res, s)
         updates, new_opt = optimizer(s).update(grads, state.opt_state, state.params)
         new_params = apply_updates(state.params, updates)
-        if _all_finite(new_params, new_opt):
-            params, opt_state, applied = new_params, new_opt, True
+        if _all_finite(new_params, new_opt, new_est):
+            params, opt_state, est, applied = new_params, new_opt, new_est, True
     non_finite = state.non_finite + (not applied)
     record: dict[str, Any] = {
         "kind": "step",
         "step": step + 1,
         "loss": res.loss,
         "loss_plus": float(res.loss_plus.mean()),
-        "loss_minus": float(res.loss_minus.mean()),
+        **({"loss_minus": float(res.loss_minus.mean())} if res.loss_minus.size else {}),
+        **({"loss_zero": res.loss_zero} if res.loss_zero is not None else {}),
+        **({"loss_std": res.std} if res.std is not None else {}),
         "g": [float(x) for x in res.g],
         "lr": lr,
         "skipped": not applied,
@@ -127,5 +133,22 @@ def zo_step(
         "rows": res.rows,
         "forwards": res.forwards,
     }
-    new = replace(state, params=params, opt_state=opt_state, step=step + 1, non_finite=non_finite)
+    new = replace(
+        state,
+        params=params,
+        opt_state=opt_state,
+        est_state=est,
+        step=step + 1,
+        non_finite=non_finite,
+    )
     return new, record
+
+
+def _replay(state: TrainState, res: QueryResult, s: Settings) -> tuple[Tensors, Tensors]:
+    """``(gradient estimate, next estimator state)`` from the step's scalars and seeds."""
+    if s.estimator == "hizoo":
+        return hizoo.replay(
+            state.params, state.est_state, res.g, res.curv, s.seed, state.step, s.hizoo_smooth
+        )
+    draw = "rademacher" if s.estimator == "fzoo" else "gaussian"
+    return grad_from_scalars(state.params, res.g, s.seed, state.step, draw), state.est_state
