@@ -3,17 +3,15 @@
     python benchmarks/check_smollm2_export.py [--out models/smollm2-135m] [--rows 8] [--int8]
 
 Each export runs in a child process so that its wall time and peak RSS are its own. The check
-scores real SST-2 dev prompts (zoo-ort's sst2 template and label words) under a random nonzero
-LoRA, row by row in PyTorch with a real ``peft`` adapter, and in one padded ONNX Runtime batch;
-it reports the largest per-row loss difference. With ``--int8`` it also exports the int8-base
-variant and reports its loss differences from fp32 and its size.
+scores real SST-2 dev prompts (zoo-ort's sst2 task, loaded by ``zoo_ort.app.wiring.prepare``)
+under a random nonzero LoRA, row by row in PyTorch with a real ``peft`` adapter, and as one padded
+batch through zoo-ort's engine; it reports the largest per-row loss difference. With ``--int8`` it
+also exports the int8-base variant and reports its loss differences from fp32 and its size.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
 import json
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SST2_DEV = REPO_ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
+SST2 = REPO_ROOT.parent / "shared" / "data" / "sst2"
 RECIPE = "smollm2-135m"
 
 _CHILD = """
@@ -51,38 +49,20 @@ def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20
 
 
-def sst2_prompts(rows: int) -> list[tuple[str, int]]:
-    with SST2_DEV.open(encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [(r["sentence"].strip(), int(r["label"])) for r in itertools.islice(reader, rows)]
+def prepared(bundle_dir: Path) -> Any:
+    """The bundle through zoo-ort's public path: its engine and SST-2 dev with the sst2 task."""
+    from zoo_ort.app.wiring import prepare
+    from zoo_ort.settings import settings
+
+    return prepare(settings(bundle=str(bundle_dir), data=str(SST2), task="sst2"), train=False)
 
 
-def token_batch(bundle: Any, rows: int):
-    """Left-padded SST-2 prompts (zoo-ort's sst2 task) scored at their last token."""
-    from zoo_ort.batch import TokenBatch
-    from zoo_ort.tasks import TextEncoder, build_task
-
-    task = build_task("sst2")
-    encoder = TextEncoder.from_bundle(bundle)
-    words = encoder.label_tokens(task.words)  # index = SST-2 label (0 negative, 1 positive)
-    seqs, labels = [], []
-    for sentence, label in sst2_prompts(rows):
-        seqs.append(encoder.prefix + encoder.encode(task.template.format(sentence=sentence)))
-        labels.append(words[label])
-    t = max(map(len, seqs))
-    ids = np.full((len(seqs), t), encoder.pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), t), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s) :], mask[i, t - len(s) :] = s, 1
-    batch = TokenBatch(
-        input_ids=ids,
-        attention_mask=mask,
-        target_pos=np.full((len(seqs), 1), t - 1, dtype=np.int64),
-        target_ids=np.array(labels, dtype=np.int64)[:, None],
-        target_mask=np.ones((len(seqs), 1), dtype=np.float32),
-        candidate_ids=np.array([words] * len(seqs), dtype=np.int64),
-    )
-    return batch, seqs, labels, words
+def dev_rows(p: Any, rows: int) -> tuple[Any, list[list[int]], list[int]]:
+    """The first ``rows`` dev prompts as zoo-ort feeds them (right-padded, scored at their last
+    token); each prompt's tokens and its gold label word's token, for PyTorch."""
+    batch = p.dev_data.batch(np.arange(rows)).tokens
+    seqs = [p.dev_data.example(i).tolist() for i in range(rows)]
+    return batch, seqs, batch.target_ids[:, 0].tolist()
 
 
 def random_lora(bundle: Any, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -93,11 +73,8 @@ def random_lora(bundle: Any, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     return lora
 
 
-def ort_losses(bundle: Any, batch: Any, lora: dict[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    return session.run(["loss"], batch.arrays() | lora)[0]
+def ort_losses(p: Any, batch: Any, lora: dict[str, np.ndarray]) -> np.ndarray:
+    return p.engine.forward(batch, lora).loss
 
 
 def torch_losses(bundle: Any, seqs, labels, lora: dict[str, np.ndarray]) -> np.ndarray:
@@ -135,15 +112,14 @@ def torch_losses(bundle: Any, seqs, labels, lora: dict[str, np.ndarray]) -> np.n
 
 
 def check(out: Path, rows: int = 8, int8: bool = False) -> dict[str, Any]:
-    from zoo_ort.bundle import load_bundle
-
     report: dict[str, Any] = {"fp32": export_in_child(out)}
-    bundle = load_bundle(out)
+    p = prepared(out)
+    bundle = p.bundle
     report["fp32"]["size_mb"] = folder_mb(out)
-    batch, seqs, labels, _ = token_batch(bundle, rows)
+    batch, seqs, labels = dev_rows(p, rows)
     lora = random_lora(bundle, rows)
     start = time.perf_counter()
-    onnx_loss = ort_losses(bundle, batch, lora)
+    onnx_loss = ort_losses(p, batch, lora)
     report["ort_forward_s"] = time.perf_counter() - start
     ref_loss = torch_losses(bundle, seqs, labels, lora)
     zero = {
@@ -154,15 +130,15 @@ def check(out: Path, rows: int = 8, int8: bool = False) -> dict[str, Any]:
     report["onnx_loss"] = onnx_loss.round(5).tolist()
     report["torch_loss"] = ref_loss.round(5).tolist()
     report["max_abs_diff"] = float(np.abs(onnx_loss - ref_loss).max())
-    report["lora_effect"] = float(np.abs(onnx_loss - ort_losses(bundle, batch, zero)).mean())
+    report["lora_effect"] = float(np.abs(onnx_loss - ort_losses(p, batch, zero)).mean())
     if int8:
         q_out = out.with_name(out.name + "-int8")
         report["int8"] = export_in_child(q_out, quantize="int8")
-        q_bundle = load_bundle(q_out)
+        q = prepared(q_out)
         report["int8"]["size_mb"] = folder_mb(q_out)
-        q_loss = ort_losses(q_bundle, batch, lora)
-        q_zero = ort_losses(q_bundle, batch, zero)
-        f_zero = ort_losses(bundle, batch, zero)
+        q_loss = ort_losses(q, batch, lora)
+        q_zero = ort_losses(q, batch, zero)
+        f_zero = ort_losses(p, batch, zero)
         report["int8"]["loss"] = q_loss.round(5).tolist()
         report["int8"]["max_abs_diff_vs_fp32"] = float(np.abs(q_loss - onnx_loss).max())
         report["int8"]["mean_abs_diff_vs_fp32"] = float(np.abs(q_loss - onnx_loss).mean())

@@ -12,6 +12,7 @@ that only wants to write a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -25,9 +26,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from zoo_ort.io import atomic_write_json, atomic_write_text, read_json
 
@@ -235,6 +238,17 @@ def _child_main(args_path: str, out_path: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Results
+
+
+def ids_digest(seqs: Iterable[np.ndarray]) -> str:
+    """A short hash of a list of token id sequences (lengths included): equal on two sides of a
+    benchmark only if both tokenised the same examples the same way, in the same order."""
+    h = hashlib.sha256()
+    for s in seqs:
+        a = np.asarray(s, dtype=np.int64)
+        h.update(np.int64(len(a)).tobytes())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _fmt(v: Any) -> str:

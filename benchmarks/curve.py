@@ -12,18 +12,13 @@ run's whole wall time), as an equal share of what the steps do not account for, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import markdown_table
 from zoo_ort.io import atomic_write_bytes
-
-
-def read_log(run: Path) -> list[dict[str, Any]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+from zoo_ort.loop.metrics import read_metrics
 
 
 def curve(records: list[dict[str, Any]], total_wall_s: float | None = None) -> list[dict[str, Any]]:
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--title", default="")
     ap.add_argument("--total-wall-s", type=float, help="the run's wall time, for old logs")
     args = ap.parse_args(argv)
-    points = curve(read_log(args.run), args.total_wall_s)
+    points = curve(read_metrics(args.run), args.total_wall_s)
     print(markdown_table(points))
     if args.png:
         plot(points, args.png, args.title or str(args.run))

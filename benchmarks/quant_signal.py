@@ -21,12 +21,19 @@ from __future__ import annotations
 import functools
 import logging
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.zoo_bench import STAMP, setup, time_step_forward, write_derived
+from benchmarks.zoo_bench import (
+    STAMP,
+    prepare_run,
+    step_queries,
+    time_step_forward,
+    write_derived,
+)
 from zoo_ort.io import read_json
 
 DYNAMIC = ("int8-dynamic", "int8-dynamic-keep-down")
@@ -85,22 +92,15 @@ def _quantize_dynamic(src: Path, dst: Path, keep_down: bool) -> None:
             lg.setLevel(level)
 
 
-def _signal(
-    bundle: str, *, q: int, B: int, steps: int, eps: float, seed: int, threads: int | None, **data
-) -> dict[str, Any]:
-    from zoo_ort.estimator import evaluate_queries
-
-    s = setup(bundle, threads=threads, dev_rows=0, **data)
-    batches = s.batches(B, seed)
+def _signal(bundle: str, steps: int, train_limit: int | None, **settings: Any) -> dict[str, Any]:
+    p, _ = prepare_run(bundle, train_limit, **settings)
+    s, batches = p.settings, p.batches()
     g, losses = [], []
     for step in range(steps):
-        res = evaluate_queries(
-            s.engine, s.params, s.frozen, batches(step),
-            run_seed=seed, step=step, q=q, eps=eps, loss="candidates",
-        )  # fmt: skip
+        res = step_queries(p.engine, p, s, batches(step), step)
         g.extend(res.g.tolist())
         losses.extend(res.loss_plus.tolist() + res.loss_minus.tolist())
-    times, _ = time_step_forward(s, B=B, q=1, eps=eps, seed=seed, repeats=3)
+    times, _ = time_step_forward(p, replace(s, queries=1), repeats=3)
     return {"g": g, "pair_losses": losses, "forward_s": statistics.median(times)}
 
 
@@ -114,7 +114,6 @@ def quant_signal(
     eps: float = 1e-2,
     seed: int = 0,
     threads: int | None = None,
-    data_dir: str | None = None,
     train_limit: int | None = None,
 ) -> dict[str, Any]:
     """Score every base of ``bundles`` (which must hold "fp32") plus the two dynamic ones on the
@@ -129,11 +128,8 @@ def quant_signal(
     for name in DYNAMIC:
         path = cache / f"{tag}-{name}"
         bases[name] = str(derive_dynamic(fp32, path, keep_down=name.endswith("keep-down")))
-    kw = dict(
-        q=q, B=B, steps=steps, eps=eps, seed=seed, threads=threads,
-        data_dir=data_dir, train_limit=train_limit,
-    )  # fmt: skip
-    raw = {name: _signal(path, **kw) for name, path in bases.items()}
+    kw = dict(q=q, B=B, eps=eps, seed=seed, threads=threads)
+    raw = {name: _signal(path, steps, train_limit, **kw) for name, path in bases.items()}
     ref_g = np.array(raw["fp32"]["g"])
     ref_l = np.array(raw["fp32"]["pair_losses"])
     rows = []

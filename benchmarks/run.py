@@ -88,22 +88,17 @@ QUICK = Plan(
     rss_steps=6,
     train_int4=True,
 )
-FULL = Plan(
+FULL = replace(  # the same method as QUICK on the real model, at full size
+    QUICK,
     model="smollm2",
     B=16,
-    q=1,
-    lr_zo=1e-2,
-    lr_fo=1e-3,
-    eps=1e-2,
     dev_rows=300,
     train_limit=None,
     budget_s=600.0,
     train_steps=100_000,
     evals_per_run=10,
     zo_eval_every=20,
-    prge_q=(1, 4, 8),
     prge_B=8,
-    prge_steps=2,
     overhead_steps=16,
     signal_steps=3,
     forward_repeats=3,
@@ -181,6 +176,7 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
     torch_model = prep.get("hf_folder") or "smollm2"
     data = dict(train_limit=plan.train_limit, threads=plan.threads)
     same = dict(B=plan.B, q=plan.q, eps=plan.eps, seed=plan.seed, **data)
+    probe = dict(B=plan.prge_B, eps=plan.eps, seed=plan.seed, **data)  # steps that only score
     torch_common = dict(
         model=torch_model,
         threads=plan.threads,
@@ -194,15 +190,7 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
     res["prge"] = run(
         "P-RGE batched vs sequential (fp32)",
         f"{ZOO}:prge_modes",
-        dict(
-            bundle=bundles["fp32"],
-            q_values=list(plan.prge_q),
-            B=plan.prge_B,
-            steps=plan.prge_steps,
-            eps=plan.eps,
-            seed=plan.seed,
-            **data,
-        ),
+        dict(bundle=bundles["fp32"], q_values=list(plan.prge_q), steps=plan.prge_steps, **probe),
     )
     # 5. Trainer overhead, every base precision.
     res["overhead"] = {}
@@ -220,26 +208,18 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
             bundles=bundles,
             cache_dir=str(cache),
             q=plan.prge_q[-1],
-            B=plan.prge_B,
             steps=plan.signal_steps,
-            eps=plan.eps,
-            seed=plan.seed,
-            **data,
+            **probe,
         ),
     )
     # Inference on the same rows (memory reference, rows/s per base precision).
+    reference = dict(rss_steps=plan.rss_steps, dev_rows=plan.dev_rows)
     res["forward"] = {}
     for precision, path in bundles.items():
         res["forward"][precision] = run(
             f"inference only ({precision})",
             f"{ZOO}:zoo_forward",
-            dict(
-                bundle=path,
-                repeats=plan.forward_repeats,
-                rss_steps=plan.rss_steps,
-                dev_rows=plan.dev_rows,
-                **same,
-            ),
+            dict(bundle=path, repeats=plan.forward_repeats, **reference, **same),
         )
     res["forward"]["torch"] = run(
         "inference only (PyTorch eager)",
@@ -276,25 +256,12 @@ def run_all(plan: Plan, cache: Path, fp32_bundle: str | None, rebuild: bool) -> 
         res["train"][f"zoo_{precision}"] = run(
             f"zoo-ort training ({precision})",
             f"{ZOO}:zoo_train",
-            dict(
-                bundle=bundles[precision],
-                lr=plan.lr_zo,
-                eps=plan.eps,
-                q=plan.q,
-                seed=plan.seed,
-                **zo_kw,
-                **data,
-            ),
+            {**zo_kw, **same, "bundle": bundles[precision], "lr": plan.lr_zo},
         )
     res["train"]["first_order_torch"] = run(
         "first-order LoRA-FA in PyTorch (AdamW)",
         TORCH,
-        dict(
-            which="first_order",
-            lr=plan.lr_fo,
-            **fo_kw,
-            **torch_common,
-        ),
+        dict(which="first_order", lr=plan.lr_fo, **fo_kw, **torch_common),
     )
     res["errors"] = run.errors
     res["load"] = run.load

@@ -25,11 +25,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DATA_DIR, PeakRSS, run_in_subprocess, write_results
+from benchmarks.common import DATA_DIR, PeakRSS, ids_digest, run_in_subprocess, write_results
+from zoo_ort.tasks.sampler import batch_indices, epoch_permutation
 
 TEMPLATE = "Review: {sentence}\nSentiment (positive or negative):"
 CANDIDATES = (" negative", " positive")  # index = SST-2 label
@@ -115,38 +118,22 @@ def load_tiny(
     arch: str = "llama",
     *,
     seed: int = 0,
-    vocab_size: int = 1024,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 128,
+    hidden: int = 64,
+    layers: int = 2,
     data_dir: str | os.PathLike | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """A randomly initialised (``seed``) tiny causal LM of ``arch`` and a word-level tokenizer.
-
-    ``arch`` is a transformers model type whose attention projections are called q_proj/v_proj:
-    "llama", "qwen2" or "mistral".
+    """zoo-ort's tiny random ``arch`` model (:func:`zoo_ort.exporters.tiny.make_tiny_model`,
+    from ``seed``) with a word-level tokenizer (:func:`tiny_tokenizer`) of its vocabulary size:
+    prompt and label words are whole tokens, which the byte-level tiny tokenizer does not give.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    from zoo_ort.exporters.tiny import make_tiny_model
 
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unsupported tiny arch {arch!r} (llama, qwen2 or mistral)")
-    config = AutoConfig.for_model(
-        arch,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with tempfile.TemporaryDirectory(prefix="tiny-torch-") as folder:
+        make_tiny_model(arch, folder, hidden=hidden, layers=layers, seed=seed)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    return model, tiny_tokenizer(vocab_size, data_dir)
+    return model, tiny_tokenizer(model.config.vocab_size, data_dir)
 
 
 def load_hf_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
@@ -194,7 +181,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class PromptData:
-    """Tokenised SST-2 prompts shared by every baseline (and by zoo-ort's side of a benchmark)."""
+    """Tokenised SST-2 prompts shared by every baseline."""
 
     train_ids: list[np.ndarray]  # int32 token ids per row (arrays: compact for 67k rows)
     train_labels: np.ndarray
@@ -219,12 +206,10 @@ class PromptData:
         )
 
     def train_indices(self, seed: int, step: int, size: int) -> np.ndarray:
-        """The ``size`` distinct training rows of ``step``: a pure function of (seed, step)."""
+        """The ``size`` training rows of ``step``: zoo-ort's data order (``batches()`` of
+        :func:`zoo_ort.app.wiring.prepare`), so that every side trains on the same rows."""
         n = len(self.train_ids)
-        if size > n:
-            raise ValueError(f"batch size {size} exceeds the {n} training rows")
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(step, 0)))
-        return rng.choice(n, size=size, replace=False)
+        return batch_indices(n, size, seed, step, functools.partial(_epoch_order, n, seed))
 
     def train_batch(self, seed: int, step: int, size: int) -> Batch:
         idx = self.train_indices(seed, step, size)
@@ -235,6 +220,11 @@ class PromptData:
         for lo in range(0, rows, size):
             hi = min(lo + size, rows)
             yield self.batch(self.dev_ids[lo:hi], self.dev_labels[lo:hi])
+
+
+@functools.lru_cache(maxsize=4)  # a permutation of every training row, drawn once per epoch
+def _epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    return epoch_permutation(size, seed, epoch)
 
 
 def candidate_token_ids(tokenizer: Any, words: Sequence[str] = CANDIDATES) -> tuple[int, ...]:
@@ -421,14 +411,14 @@ def torch_directions(params: Sequence[torch.Tensor], seed: int) -> Perturb:
 def zoo_directions(
     peft_model: torch.nn.Module, bundle_dir: str | os.PathLike, seed: int
 ) -> Perturb:
-    """zoo-ort's directions (:func:`zoo_ort.estimator.directions` over the bundle's trained
+    """zoo-ort's directions (:func:`zoo_ort.zo.directions` over the bundle's trained
     tensors, regenerated from ``(seed, step, query)``) applied to peft's ``lora_B`` weights.
 
     With them MeZO-torch and zoo-ort step along the same z on the same rows, so their curves
     differ only by numerics and speed, not by which random directions each happened to draw.
     """
     from zoo_ort.bundle import load_bundle
-    from zoo_ort.estimator import directions
+    from zoo_ort.zo import directions
 
     bundle = load_bundle(bundle_dir)
     base = peft_model.get_base_model()
@@ -462,25 +452,49 @@ def zoo_directions(
 
 
 class _Run:
-    """Timing, the dev-accuracy curve and the time budget shared by both trainers."""
+    """What both trainers share: the schedule (``steps`` of ``B`` rows from ``seed``, stopped
+    early once ``train_s`` reaches ``time_budget_s``), step timing and the dev-accuracy curve,
+    taken at step 0, every ``eval_every`` steps (0: start and end only), whenever ``train_s``
+    passes another multiple of ``eval_every_s`` and at the end; evaluation time is excluded
+    from ``train_s``."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         data: PromptData,
-        eval_every: int,
-        dev_rows: int,
+        *,
+        steps: int,
+        B: int = 16,
+        seed: int = 0,
+        eval_every: int = 0,
+        dev_rows: int = 300,
+        time_budget_s: float | None = None,
         eval_every_s: float | None = None,
     ) -> None:
         self.model, self.data = model, data
+        self.steps, self.B, self.seed = steps, B, seed
         self.eval_every, self.dev_rows = eval_every, dev_rows
-        self.eval_every_s = eval_every_s
+        self.time_budget_s, self.eval_every_s = time_budget_s, eval_every_s
+        self.config = dict(steps=steps, B=B, seed=seed, eval_every=eval_every, dev_rows=dev_rows)
+        self.config.update(eval_every_s=eval_every_s)
         self.next_eval_s = eval_every_s or 0.0
         self.start = time.perf_counter()
         self.train_s = 0.0
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.curve: list[dict[str, float]] = []
+
+    def train(self, step: Callable[[int, Batch], float]) -> str:
+        """Score the start, then ``step(k, batch of step k)`` (its loss) on the clock, step by
+        step; return why it stopped ("steps" or "time_budget")."""
+        self.eval(0)
+        for k in range(self.steps):
+            t0 = time.perf_counter()
+            loss = step(k, self.data.train_batch(self.seed, k, self.B))
+            self.record(k, time.perf_counter() - t0, loss)
+            if self.time_budget_s is not None and self.train_s >= self.time_budget_s:
+                return "time_budget"
+        return "steps"
 
     def eval(self, step: int) -> None:
         t0 = time.perf_counter()
@@ -515,7 +529,7 @@ class _Run:
         later = times[1:] if len(times) > 1 else times  # the first step pays one-off costs
         return {
             "method": method,
-            "config": config,
+            "config": self.config | config,
             "threads": torch.get_num_threads(),
             "trainable_params": sum(p.numel() for _, p in trainable_params(self.model)),
             "steps_done": steps,
@@ -538,17 +552,11 @@ def mezo_torch(
     model: torch.nn.Module,
     data: PromptData,
     *,
-    steps: int,
     lr: float = 1e-4,
     eps: float = 1e-2,
     q: int = 1,
-    B: int = 16,
-    seed: int = 0,
-    eval_every: int = 0,
-    dev_rows: int = 300,
-    time_budget_s: float | None = None,
-    eval_every_s: float | None = None,
     perturb: Perturb | None = None,
+    **schedule: Any,
 ) -> dict[str, Any]:
     """MeZO / SPSA on the model's trainable tensors (lora_B after :func:`add_lora_fa`).
 
@@ -556,41 +564,33 @@ def mezo_torch(
     :func:`torch_directions`): θ += εz, L+ ; θ -= 2εz, L- ; θ += εz (restore);
     g_i = (L+ - L-)/2ε. Then θ -= lr/q·g_i·z_i for every i, replaying z_i from its seed -- all
     queries see the same θ, as in P-RGE. The g_i of every step are in ``projected_grads``.
-    Cost: 2·q forwards of B rows per step. The dev curve is taken at step 0, every
-    ``eval_every`` steps (0: start and end only), whenever ``train_s`` passes another multiple
-    of ``eval_every_s`` and at the end; evaluation time is excluded from ``train_s``. Stops
-    after ``steps`` or once ``train_s`` reaches ``time_budget_s``.
+    Cost: 2·q forwards of B rows per step. ``schedule``: ``steps``, ``B``, ``seed`` and the
+    evaluation grid and time budget (see :class:`_Run`).
     """
-    params = [p for _, p in trainable_params(model)]
+    run = _Run(model, data, **schedule)
     if perturb is None:
-        perturb = torch_directions(params, seed)
-    config = dict(steps=steps, lr=lr, eps=eps, q=q, B=B, seed=seed, eval_every=eval_every)
-    config.update(dev_rows=dev_rows, eval_every_s=eval_every_s)
+        perturb = torch_directions([p for _, p in trainable_params(model)], run.seed)
     projected: list[list[float]] = []
-    run = _Run(model, data, eval_every, dev_rows, eval_every_s)
-    run.eval(0)
-    stopped = "steps"
-    for step in range(steps):
-        t0 = time.perf_counter()
-        batch = data.train_batch(seed, step, B)
+
+    def step(k: int, batch: Batch) -> float:
         grads, loss_sum = [], 0.0
         with torch.inference_mode():
             for i in range(q):
-                perturb(step, i, eps)
+                perturb(k, i, eps)
                 loss_plus = float(candidate_loss(model, batch, data.candidate_ids))
-                perturb(step, i, -2 * eps)
+                perturb(k, i, -2 * eps)
                 loss_minus = float(candidate_loss(model, batch, data.candidate_ids))
-                perturb(step, i, eps)
+                perturb(k, i, eps)
                 grads.append((loss_plus - loss_minus) / (2 * eps))
                 loss_sum += (loss_plus + loss_minus) / 2
             for i, g in enumerate(grads):
-                perturb(step, i, -lr * g / q)
-        run.record(step, time.perf_counter() - t0, loss_sum / q)
+                perturb(k, i, -lr * g / q)
         projected.append(grads)
-        if time_budget_s is not None and run.train_s >= time_budget_s:
-            stopped = "time_budget"
-            break
-    result = run.result("mezo_torch", config, rows_per_step=2 * q * B, stopped=stopped)
+        return loss_sum / q
+
+    stopped = run.train(step)
+    config = dict(lr=lr, eps=eps, q=q)
+    result = run.result("mezo_torch", config, rows_per_step=2 * q * run.B, stopped=stopped)
     return result | {"projected_grads": projected}
 
 
@@ -598,39 +598,29 @@ def first_order_torch(
     model: torch.nn.Module,
     data: PromptData,
     *,
-    steps: int,
     lr: float = 1e-3,
-    B: int = 16,
     weight_decay: float = 0.0,
-    seed: int = 0,
-    eval_every: int = 0,
-    dev_rows: int = 300,
-    time_budget_s: float | None = None,
-    eval_every_s: float | None = None,
+    **schedule: Any,
 ) -> dict[str, Any]:
-    """LoRA-FA with backprop and AdamW on the trainable tensors (lora_B); same loss and batches.
+    """LoRA-FA with backprop and AdamW on the trainable tensors (lora_B); same loss and batches
+    (``schedule`` as for :func:`mezo_torch`).
 
     ``train_loss[k]`` is the loss of step k's batch before its update.
     """
+    run = _Run(model, data, **schedule)
     params = [p for _, p in trainable_params(model)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    config = dict(steps=steps, lr=lr, B=B, weight_decay=weight_decay, seed=seed)
-    config.update(eval_every=eval_every, dev_rows=dev_rows, eval_every_s=eval_every_s)
-    run = _Run(model, data, eval_every, dev_rows, eval_every_s)
-    run.eval(0)
-    stopped = "steps"
-    for step in range(steps):
-        t0 = time.perf_counter()
-        batch = data.train_batch(seed, step, B)
+
+    def step(k: int, batch: Batch) -> float:
         opt.zero_grad(set_to_none=True)
         loss = candidate_loss(model, batch, data.candidate_ids)
         loss.backward()
         opt.step()
-        run.record(step, time.perf_counter() - t0, float(loss.detach()))
-        if time_budget_s is not None and run.train_s >= time_budget_s:
-            stopped = "time_budget"
-            break
-    return run.result("first_order_torch", config, rows_per_step=B, stopped=stopped)
+        return float(loss.detach())
+
+    stopped = run.train(step)
+    config = dict(lr=lr, weight_decay=weight_decay)
+    return run.result("first_order_torch", config, rows_per_step=run.B, stopped=stopped)
 
 
 def forward_only_torch(
@@ -728,8 +718,6 @@ def run_baseline(
     result["config"].update(rank=rank, alpha=alpha, targets=list(targets), bundle=bundle)
     if which == "mezo":
         result["config"]["directions"] = directions
-    from benchmarks.zoo_bench import ids_digest  # numpy only: the same hash as zoo-ort's side
-
     digests = {
         "dev_tokens_sha": ids_digest(data.dev_ids[: trainer_kwargs.get("dev_rows", 300)]),
         "train_tokens_sha": ids_digest(data.train_ids),

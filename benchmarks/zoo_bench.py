@@ -1,17 +1,17 @@
 """zoo-ort's contenders of the benchmark suite, each a function for :func:`run_in_subprocess`.
 
-Every contender loads a bundle into an :class:`~zoo_ort.engine.OrtEngine`, tokenises SST-2 with
-the bundle's tokenizer and the same prompt as the PyTorch baselines (:data:`TEMPLATE`,
-:data:`VERBALIZER`; `tests/test_benchmarks_run.py` checks they are the baselines' own), draws
-the training rows of a step exactly as :meth:`benchmarks.torch_baselines.PromptData.train_indices`
-does, and returns a JSON-able dict:
+Every contender builds its run as the CLI does: :func:`run_settings` (zoo-ort's ``sst2`` task,
+whose prompt, label words and loss are the PyTorch baselines'; `tests/test_benchmarks_run.py`
+checks that), :func:`zoo_ort.app.wiring.prepare` (engine, tokenised data, initial adapter) and
+``Prepared.batches()`` (the rows of each step, which the baselines draw too). What is timed goes
+through the public step functions; each contender returns a JSON-able dict:
 
 * :func:`prge_modes` -- P-RGE batched (one forward of 2·q·B rows) against sequential (2·q
-  forwards of B rows) through :func:`zoo_ort.estimator.evaluate_queries`, same rows, same engine.
-* :func:`zoo_train` -- :func:`zoo_ort.train.train` (the CLI's loop) with a dev-accuracy curve
-  against training time, stopped by a wall-clock budget; evaluation is kept off the clock.
-* :func:`zoo_overhead` -- the trainer's step against a bare ``InferenceSession.run`` of the same
-  2·q·B rows, timed alternately in one process.
+  forwards of B rows) through :func:`zoo_ort.zo.evaluate_queries`, same rows, same engine.
+* :func:`zoo_train` -- :func:`zoo_ort.loop.train.train` (the CLI's loop) with a dev-accuracy
+  curve against training time, stopped by a wall-clock budget; evaluation is kept off the clock.
+* :func:`zoo_overhead` -- :func:`zoo_ort.zo.zo_step` against a bare ``InferenceSession.run`` of
+  the forwards it made, timed alternately in one process.
 * :func:`zoo_forward` -- inference only on the same rows: rows/s, peak RSS, zero-shot accuracy.
 
 Bundles are built by :func:`prepare_bundles`, the only function here that imports torch (through
@@ -20,26 +20,26 @@ the exporter); it runs in its own process, so no contender's memory includes tor
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.common import DATA_DIR, PeakRSS
+from benchmarks.common import DATA_DIR, PeakRSS, ids_digest
 
-# The PyTorch baselines' prompt (benchmarks.torch_baselines.TEMPLATE / CANDIDATES), restated here
-# because importing that module would load torch into zoo-ort's processes.
-TEMPLATE = "Review: {sentence}\nSentiment (positive or negative):"
-VERBALIZER = {"0": " negative", "1": " positive"}
+if TYPE_CHECKING:  # annotations only: each function imports the runtime it runs where it runs it
+    from zoo_ort.app.wiring import Prepared
+    from zoo_ort.engine.protocol import Engine, EngineOutput, LabeledBatch, TokenBatch
+    from zoo_ort.settings import Settings
+    from zoo_ort.zo import QueryResult
+
 TARGETS = ("q_proj", "v_proj")
 RANK, ALPHA = 8, 16.0
 PRECISIONS = ("fp32", "int8", "int4")
@@ -48,8 +48,6 @@ SMOLLM2_RECIPE = "smollm2-135m"
 # The quick mode's model: a random Qwen2 (Llama-like, q/v projections) whose tokenizer adds no
 # BOS, so that the HF tokenizer on the PyTorch side and tokenizer.json here give the same ids.
 TINY_ARCH, TINY_HIDDEN, TINY_LAYERS = "qwen2", 64, 2
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,87 +199,79 @@ def prepare_bundles(
 
 
 # --------------------------------------------------------------------------------------------
-# Data, shared with the PyTorch side
+# A contender's run, through the public path
 
 
-def train_indices(n: int, seed: int, step: int, size: int) -> np.ndarray:
-    """The rows of ``step``'s batch: the same draw as ``PromptData.train_indices``."""
-    if size > n:
-        raise ValueError(f"batch size {size} exceeds the {n} training rows")
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(step, 0)))
-    return rng.choice(n, size=size, replace=False)
-
-
-def ids_digest(seqs: Iterable[np.ndarray]) -> str:
-    """A short hash of a list of token id sequences (lengths included), to compare tokenisers."""
-    h = hashlib.sha256()
-    for s in seqs:
-        a = np.asarray(s, dtype=np.int64)
-        h.update(np.int64(len(a)).tobytes())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class Setup:
-    bundle: Any
-    engine: Any
-    train: Any  # TaskData
-    dev: Any  # TaskData
-    params: dict[str, np.ndarray]
-    frozen: dict[str, np.ndarray]
-    threads: int
-    load_s: float
-
-    def batches(self, batch_size: int, seed: int) -> Callable[[int], Any]:
-        n = len(self.train)
-        return lambda step: self.train.batch(train_indices(n, seed, step, batch_size))
-
-    def digests(self, dev_rows: int) -> dict[str, str]:
-        rows = min(dev_rows, len(self.dev))
-        return {
-            "dev_tokens_sha": ids_digest(self.dev.example(i) for i in range(rows)),
-            "train_tokens_sha": ids_digest(self.train.example(i) for i in range(len(self.train))),
-        }
-
-
-def setup(
+def run_settings(
     bundle: str,
     *,
+    q: int = 1,
+    B: int = 16,
+    eps: float = 1e-2,
+    seed: int = 0,
     threads: int | None = None,
-    data_dir: str | None = None,
-    train_limit: int | None = None,
-    dev_rows: int = 300,
-    max_length: int = 256,
-    provider: str = "cpu",
-) -> Setup:
-    """Load ``bundle`` into an engine and tokenise SST-2 train (first ``train_limit`` rows) and
-    the first ``dev_rows`` dev rows with the baselines' prompt."""
-    from zoo_ort.bundle import load_bundle
-    from zoo_ort.engine import OrtEngine
-    from zoo_ort.run import split_lora
-    from zoo_ort.tasks import TextEncoder, build_task, load_task_data
+    dev_rows: int = 0,
+    **values: Any,
+) -> Settings:
+    """The :class:`~zoo_ort.settings.Settings` of a contender: SST-2 with zoo-ort's ``sst2``
+    task and MeZO's candidate loss, P-RGE batched with ``q`` directions over ``B`` examples,
+    every core (as the baselines use), no checkpoints between steps, the first ``dev_rows`` dev
+    rows scored in passes of 2·q·B rows (a training forward's size, so that memory compares);
+    ``values`` are any other settings (steps, lr, ...).
+
+    Built from the defaults, not the bundle's recipe, so that the settings the report states are
+    the ones that ran (e.g. the same ``max_length`` as the PyTorch side's).
+    """
+    from zoo_ort.settings import settings
+
+    return settings(
+        bundle=str(bundle),
+        data=str(DATA_DIR / "sst2"),
+        task="sst2",
+        loss="candidates",
+        estimator="batched",
+        queries=q,
+        batch_size=B,
+        eps=eps,
+        seed=seed,
+        eval_rows=dev_rows,
+        eval_batch_size=2 * q * B,
+        save_every=0,
+        threads=threads or os.cpu_count() or 1,
+        **values,
+    )
+
+
+def prepare_run(bundle: str, train_limit: int | None, **settings: Any) -> tuple[Prepared, float]:
+    """``prepare(run_settings(bundle, **settings))`` (first ``train_limit`` training rows) and
+    the seconds it took."""
+    from zoo_ort.app.wiring import prepare
 
     t0 = time.perf_counter()
-    n_threads = threads or os.cpu_count() or 1
-    b = load_bundle(bundle)
-    spec = build_task("sst2", template=TEMPLATE, verbalizer=dict(VERBALIZER))
-    encoder = TextEncoder.from_bundle(b)
-    folder = Path(data_dir or DATA_DIR) / "sst2"
-    train = load_task_data(folder, "train", spec, encoder, max_length=max_length, limit=train_limit)
-    dev = load_task_data(folder, "dev", spec, encoder, max_length=max_length, limit=dev_rows)
-    engine = OrtEngine(b, provider=provider, threads=n_threads)
-    params, frozen = split_lora(b, b.initial_lora())
-    return Setup(b, engine, train, dev, params, frozen, n_threads, time.perf_counter() - t0)
+    p = prepare(run_settings(bundle, **settings), train_limit=train_limit)
+    return p, time.perf_counter() - t0
 
 
-def _dev_eval(
-    s: Setup, params: dict[str, np.ndarray], dev_rows: int, batch_size: int
-) -> dict[str, float]:
-    from zoo_ort.evaluate import evaluate
+def _describe(p: Prepared, load_s: float, dev_rows: int) -> dict[str, Any]:
+    """Which bundle, engine and data a contender ran on; the token hashes compare the sides."""
+    dev, train = p.dev_data, p.train_data
+    return {
+        "bundle": str(p.bundle.path),
+        "precision": p.bundle.manifest.graph.get("base_precision", "fp32"),
+        "providers": p.engine.active_providers,
+        "threads": p.settings.threads,
+        "load_s": load_s,
+        "train_rows": len(train),
+        "dev_tokens_sha": ids_digest(dev.example(i) for i in range(min(dev_rows, len(dev)))),
+        "train_tokens_sha": ids_digest(train.example(i) for i in range(len(train))),
+    }
 
+
+def _dev_eval(p: Prepared, lora: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``Prepared.evaluate`` (the settings' ``eval_rows`` in ``eval_batch_size`` rows) under the
+    baselines' names, with its time."""
     t0 = time.perf_counter()
-    m = evaluate(s.engine, params, s.frozen, s.dev, batch_size=batch_size, limit=dev_rows)
+    m = p.evaluate(lora)
     return {
         "dev_acc": m["accuracy"],
         "dev_loss": m["candidate_loss"],
@@ -290,21 +280,71 @@ def _dev_eval(
     }
 
 
-def _describe(s: Setup, dev_rows: int) -> dict[str, Any]:
-    return {
-        "bundle": str(s.bundle.path),
-        "precision": s.bundle.manifest.graph.get("base_precision", "fp32"),
-        "providers": s.engine.active_providers,
-        "threads": s.threads,
-        "load_s": s.load_s,
-        "train_rows": len(s.train),
-        **s.digests(dev_rows),
-    }
-
-
 def _median_after_warmup(times: Sequence[float], warmup: int = 1) -> float | None:
     later = list(times[warmup:]) or list(times)
     return statistics.median(later) if later else None
+
+
+class TimedEngine:
+    """An engine (the :class:`~zoo_ort.engine.protocol.Engine` protocol) that passes every
+    forward on to ``engine``, adding up its seconds and keeping its arguments: the rows a step
+    fed the engine, for timing them again outside the step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seconds = 0.0
+        self.calls: list[tuple[TokenBatch, Mapping[str, np.ndarray]]] = []
+
+    def forward(self, batch: TokenBatch, lora: Mapping[str, np.ndarray]) -> EngineOutput:
+        t0 = time.perf_counter()
+        try:
+            return self.engine.forward(batch, lora)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls.append((batch, lora))
+
+    def take(self) -> tuple[float, list[tuple[TokenBatch, Mapping[str, np.ndarray]]]]:
+        """Seconds spent in ``forward`` and its calls since the last ``take``."""
+        taken = self.seconds, self.calls
+        self.seconds, self.calls = 0.0, []
+        return taken
+
+
+def step_queries(
+    engine: Engine, p: Prepared, s: Settings, batch: LabeledBatch, step: int
+) -> QueryResult:
+    """Step ``step``'s queries on ``batch`` at the initial adapter, scored as ``zo_step``
+    scores them under the settings ``s`` (a :class:`~zoo_ort.zo.QueryResult`)."""
+    from zoo_ort.zo import evaluate_queries
+
+    return evaluate_queries(
+        engine,
+        p.params,
+        p.frozen,
+        batch,
+        run_seed=s.seed,
+        step=step,
+        q=s.queries,
+        eps=s.eps,
+        loss=s.loss,
+        mode=s.estimator,
+        row_budget=s.row_budget or None,
+    )
+
+
+def time_step_forward(p: Prepared, s: Settings, repeats: int) -> tuple[list[float], int]:
+    """Seconds of ``repeats`` forwards of step 0's rows under ``s`` (its batch tiled 2·q times
+    with their perturbed LoRA rows, as the estimator feeds them) after one warm-up (scoring the
+    step, which is where the rows are taken from); and the padded sequence length."""
+    timed = TimedEngine(p.engine)
+    step_queries(timed, p, s, p.batches()(0), 0)
+    ((batch, lora),) = timed.calls  # a batched step is one forward
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        p.engine.forward(batch, lora)
+        times.append(time.perf_counter() - t0)
+    return times, int(batch.input_ids.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +361,6 @@ def prge_modes(
     eps: float = 1e-2,
     seed: int = 0,
     threads: int | None = None,
-    data_dir: str | None = None,
     train_limit: int | None = None,
 ) -> dict[str, Any]:
     """P-RGE batched vs sequential: the same step (same rows, same directions) both ways.
@@ -329,12 +368,11 @@ def prge_modes(
     For each q, ``warmup`` untimed steps then ``steps`` timed ones; within a step the two modes
     run back to back, in alternating order, so that load changes hit both alike.
     """
-    from zoo_ort.estimator import evaluate_queries
-
-    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=0)
-    batches = s.batches(B, seed)
+    p, load_s = prepare_run(bundle, train_limit, B=B, eps=eps, seed=seed, threads=threads)
+    batches = p.batches()
     rows = []
     for q in q_values:
+        modes = {m: replace(p.settings, queries=q, estimator=m) for m in ("batched", "sequential")}
         times: dict[str, list[float]] = {"batched": [], "sequential": []}
         g_diff = 0.0
         for step in range(warmup + steps):
@@ -343,22 +381,9 @@ def prge_modes(
             g = {}
             for mode in order:
                 t0 = time.perf_counter()
-                res = evaluate_queries(
-                    s.engine,
-                    s.params,
-                    s.frozen,
-                    batch,
-                    run_seed=seed,
-                    step=step,
-                    q=q,
-                    eps=eps,
-                    loss="candidates",
-                    mode=mode,  # type: ignore[arg-type]
-                )
-                dt = time.perf_counter() - t0
-                g[mode] = res.g
+                g[mode] = step_queries(p.engine, p, modes[mode], batch, step).g
                 if step >= warmup:
-                    times[mode].append(dt)
+                    times[mode].append(time.perf_counter() - t0)
             g_diff = max(g_diff, float(np.max(np.abs(g["batched"] - g["sequential"]))))
         bat, seq = statistics.median(times["batched"]), statistics.median(times["sequential"])
         rows.append(
@@ -378,7 +403,7 @@ def prge_modes(
                 "sequential_times_s": times["sequential"],
             }
         )
-    return {"method": "prge_modes", **_describe(s, 0), "rows": rows, "steps": steps}
+    return {"method": "prge_modes", **_describe(p, load_s, 0), "rows": rows, "steps": steps}
 
 
 def zoo_train(
@@ -395,11 +420,11 @@ def zoo_train(
     dev_rows: int = 300,
     seed: int = 0,
     threads: int | None = None,
-    data_dir: str | None = None,
     train_limit: int | None = None,
     optimizer: str = "sgd",
 ) -> dict[str, Any]:
-    """Train with :func:`zoo_ort.train.train` until ``steps`` or ``time_budget_s`` of training.
+    """Train with :func:`zoo_ort.loop.train.train` until ``steps`` or ``time_budget_s`` of
+    training.
 
     The dev set is scored at the start, every ``eval_every`` steps, whenever the training clock
     passes another multiple of ``eval_every_s`` and at the end, in batches of 2·q·B rows (the
@@ -412,22 +437,20 @@ def zoo_train(
     eval_s}``, ``median_step_s`` over the steps after the first, ``phase_peak_rss_mb`` of the
     training phase including evaluations).
     """
-    from zoo_ort.train import TrainConfig, train
+    from zoo_ort.loop.train import train
 
-    s = setup(
-        bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows
-    )
-    config = TrainConfig(
+    p, load_s = prepare_run(
+        bundle,
+        train_limit,
+        q=q,
+        B=B,
+        eps=eps,
+        seed=seed,
+        threads=threads,
+        dev_rows=dev_rows,
         steps=steps,
         lr=lr,
-        eps=eps,
-        queries=q,
-        batch_size=B,
         optimizer=optimizer,
-        seed=seed,
-        mode="batched",
-        loss="candidates",
-        save_every=0,
         eval_every=1 if eval_every_s else eval_every,
         eval_at_start=True,
     )
@@ -439,18 +462,11 @@ def zoo_train(
     losses: list[float] = []
     projected: list[list[float]] = []
 
-    def score(lora: dict[str, np.ndarray], step: int) -> dict[str, float]:
-        m = _dev_eval(s, {k: lora[k] for k in s.params}, dev_rows, 2 * q * B)
-        curve.append(
-            {
-                "step": step,
-                "train_s": clock["train_s"],
-                "wall_s": time.perf_counter() - start,
-                **m,
-            }
-        )
+    def score(lora: Mapping[str, np.ndarray], step: int) -> None:
+        m = _dev_eval(p, lora)
+        wall_s = time.perf_counter() - start
+        curve.append({"step": step, "train_s": clock["train_s"], "wall_s": wall_s, **m})
         last.update(accuracy=m["dev_acc"], loss=m["dev_loss"])
-        return m
 
     def evaluate(lora: dict[str, np.ndarray]) -> dict[str, float]:
         if not curve:  # the initial evaluation, before any step
@@ -480,15 +496,14 @@ def zoo_train(
     def should_stop() -> bool:
         return time_budget_s is not None and clock["train_s"] >= time_budget_s
 
-    batches = s.batches(B, seed)
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir, PeakRSS() as rss:
         start = time.perf_counter()
         result = train(
-            s.engine,
-            s.params,
-            s.frozen,
-            batches,
-            config,
+            p.engine,
+            p.params,
+            p.frozen,
+            p.batches(),
+            p.settings,
             run_dir,
             evaluate=evaluate,
             on_step=on_step,
@@ -496,17 +511,13 @@ def zoo_train(
         )
         done = len(step_times)
         if not curve or curve[-1]["step"] != done:
-            m = _dev_eval(s, result.params, dev_rows, 2 * q * B)
-            curve.append(
-                {"step": done, "train_s": clock["train_s"], "wall_s": time.perf_counter() - start}
-                | m
-            )
+            score({**p.frozen, **result.params}, done)
         wall_s = time.perf_counter() - start
     median = _median_after_warmup(step_times)
     rows_per_step = 2 * q * B
     return {
         "method": "zoo_ort",
-        **_describe(s, dev_rows),
+        **_describe(p, load_s, dev_rows),
         "config": {
             "B": B,
             "q": q,
@@ -540,39 +551,6 @@ def zoo_train(
     }
 
 
-def _ort_feeds(s: Setup, batch: Any, lora: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the engine hands ``InferenceSession.run``: token arrays and LoRA tensors, typed."""
-    dtypes = {t.name: np.dtype(t.dtype) for t in s.bundle.manifest.inputs}
-    feeds = {
-        k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in batch.arrays().items()
-    }
-    feeds.update({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in lora.items()})
-    return feeds
-
-
-class _TimedSession:
-    """An ``InferenceSession`` whose ``run`` calls are timed (everything else passes through)."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-        self._seconds = 0.0
-
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self._session.run(*args, **kwargs)
-        finally:
-            self._seconds += time.perf_counter() - t0
-
-    def take(self) -> float:
-        """Seconds spent in ``run`` since the last call."""
-        seconds, self._seconds = self._seconds, 0.0
-        return seconds
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
-
-
 def zoo_overhead(
     bundle: str,
     *,
@@ -583,71 +561,59 @@ def zoo_overhead(
     eps: float = 1e-2,
     seed: int = 0,
     threads: int | None = None,
-    data_dir: str | None = None,
     train_limit: int | None = None,
 ) -> dict[str, Any]:
     """The trainer's step time against a bare ORT forward of the same 2·q·B rows.
 
-    The trainer is :func:`zoo_ort.train.train` itself (batch, perturbed rows, engine, scalars,
-    direction replay, update, metrics line); after each of its steps, outside its clock, the
-    same rows are fed to ``InferenceSession.run`` directly and timed, so both see the same load:
-    once as the engine splits them (its length groups, the overhead reference) and once as a
-    single padded forward (what length grouping saves). The first step of each is a warm-up and
-    not counted.
+    The step is :func:`zoo_ort.zo.zo_step` (perturbed rows, engine, scalars, direction replay,
+    update) on ``batches(step)``, timed as :func:`zoo_ort.loop.train.train` times its steps,
+    through a :class:`TimedEngine` that adds up the step's forwards and keeps their rows. After
+    each step, outside its clock, those rows are fed to ``InferenceSession.run`` directly and
+    timed, so both see the same load: once as the engine splits them (its length groups, the
+    overhead reference) and once as a single padded forward (what length grouping saves). The
+    first step of each is a warm-up and not counted. ``in_step_ort_times_s`` is the step's time
+    inside ``engine.forward``: ORT's runs and the engine's own grouping and feeds.
     """
-    from zoo_ort.engine import OUTPUT_NAMES
-    from zoo_ort.estimator import perturbed_lora
-    from zoo_ort.train import TrainConfig, train
+    from zoo_ort.engine.ort import OUTPUT_NAMES
+    from zoo_ort.engine.scratch import Scratch
+    from zoo_ort.zo import init_state, zo_step
 
-    s = setup(bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=0)
-    batches = s.batches(B, seed)
-    config = TrainConfig(
-        steps=steps,
-        lr=lr,
-        eps=eps,
-        queries=q,
-        batch_size=B,
-        seed=seed,
-        mode="batched",
-        loss="candidates",
-        save_every=0,
+    p, load_s = prepare_run(
+        bundle, train_limit, q=q, B=B, eps=eps, seed=seed, threads=threads, steps=steps, lr=lr
     )
+    s, batches, session = p.settings, p.batches(), p.engine.session
     step_s: list[float] = []
-    in_step_ort_s: list[float] = []  # the step's own session.run calls
+    in_step_ort_s: list[float] = []  # the step's own engine forwards
     ort_s: list[float] = []  # the engine's forwards, bare
     single_s: list[float] = []  # one padded forward of all rows, bare
     forwards: list[int] = []
-
-    session = s.engine.session
-    timed = s.engine.session = _TimedSession(session)
-
-    def on_step(record: dict[str, Any]) -> None:
-        step = record["step"] - 1
-        step_s.append(record["step_time"])
-        in_step_ort_s.append(timed.take())
-        tiled = batches(step).tokens.tile(2 * q)
-        lora = perturbed_lora(s.params, s.frozen, seed, step, q, eps, B)
-        parts = [feeds for _, feeds in s.engine.grouped_feeds(tiled, lora)]
+    timed = TimedEngine(p.engine)
+    state = init_state(p.params, p.frozen, s)
+    scratch = Scratch()  # one per run, as train() keeps it
+    for step in range(steps):
+        t0 = time.perf_counter()
+        state, _ = zo_step(timed, state, batches(step), s, scratch=scratch)
+        step_s.append(time.perf_counter() - t0)
+        seconds, calls = timed.take()
+        in_step_ort_s.append(seconds)
+        ((batch, lora),) = calls  # a batched step is one forward; its rows live until the next
+        parts = [feeds for _, feeds in p.engine.grouped_feeds(batch, lora)]
         t0 = time.perf_counter()
         for feeds in parts:
             session.run(OUTPUT_NAMES, feeds)
         ort_s.append(time.perf_counter() - t0)
-        feeds = _ort_feeds(s, tiled, lora)
+        single = {**batch.arrays(), **lora}  # the tiled batch is padded to its longest row
         t0 = time.perf_counter()
-        session.run(OUTPUT_NAMES, feeds)
+        session.run(OUTPUT_NAMES, single)
         single_s.append(time.perf_counter() - t0)
         forwards.append(len(parts))
-
-    with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir:
-        train(s.engine, s.params, s.frozen, batches, config, run_dir, on_step=on_step)
-    s.engine.session = session
     own = [a - b for a, b in zip(step_s, in_step_ort_s, strict=True)]
     pairs = [a / b for a, b in zip(step_s[1:], ort_s[1:], strict=True)]
     step_med, ort_med = _median_after_warmup(step_s), _median_after_warmup(ort_s)
     single_med = _median_after_warmup(single_s)
     return {
         "method": "zoo_overhead",
-        **_describe(s, 0),
+        **_describe(p, load_s, 0),
         "config": {"B": B, "q": q, "steps": steps, "eps": eps, "seed": seed},
         "rows_per_step": 2 * q * B,
         "step_times_s": step_s,
@@ -666,24 +632,6 @@ def zoo_overhead(
     }
 
 
-def time_step_forward(
-    s: Setup, *, B: int, q: int, eps: float, seed: int, repeats: int
-) -> tuple[list[float], int]:
-    """Seconds of ``repeats`` forwards (after one warm-up) of step 0's rows: its batch tiled
-    2·q times with their perturbed LoRA rows; and the padded sequence length."""
-    from zoo_ort.estimator import perturbed_lora
-
-    tiled = s.batches(B, seed)(0).tokens.tile(2 * q)
-    lora = perturbed_lora(s.params, s.frozen, seed, 0, q, eps, B)
-    s.engine.forward(tiled, lora)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        s.engine.forward(tiled, lora)
-        times.append(time.perf_counter() - t0)
-    return times, int(tiled.input_ids.shape[1])
-
-
 def zoo_forward(
     bundle: str,
     *,
@@ -695,7 +643,6 @@ def zoo_forward(
     seed: int = 0,
     dev_rows: int = 0,
     threads: int | None = None,
-    data_dir: str | None = None,
     train_limit: int | None = None,
 ) -> dict[str, Any]:
     """Inference only on the rows a training run sees, through ``engine.forward``.
@@ -708,28 +655,26 @@ def zoo_forward(
     (``step0_peak_rss_mb``) understates inference: ORT's memory grows with the variety of
     sequence lengths it has run.
     """
-    from zoo_ort.estimator import perturbed_lora
-
-    s = setup(
-        bundle, threads=threads, data_dir=data_dir, train_limit=train_limit, dev_rows=dev_rows
-    )
     rows = 2 * q * B
+    p, load_s = prepare_run(
+        bundle, train_limit, q=q, B=B, eps=eps, seed=seed, threads=threads, dev_rows=dev_rows
+    )
+    s = p.settings
     with PeakRSS() as step0_rss:
-        times, seq_len = time_step_forward(s, B=B, q=q, eps=eps, seed=seed, repeats=repeats)
+        times, seq_len = time_step_forward(p, s, repeats)
     median = statistics.median(times)
     zero_shot = None
-    batches = s.batches(B, seed)
+    batches = p.batches()
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         for step in range(1, rss_steps):
-            lora = perturbed_lora(s.params, s.frozen, seed, step, q, eps, B)
-            s.engine.forward(batches(step).tokens.tile(2 * q), lora)
+            step_queries(p.engine, p, s, batches(step), step)
         if dev_rows:
-            zero_shot = _dev_eval(s, s.params, dev_rows, rows)
-    peaks = [p for p in (step0_rss.peak_mb, rss.peak_mb) if p is not None]
+            zero_shot = _dev_eval(p, {**p.frozen, **p.params})
+    peaks = [m for m in (step0_rss.peak_mb, rss.peak_mb) if m is not None]
     out = {
         "method": "zoo_forward",
-        **_describe(s, dev_rows),
+        **_describe(p, load_s, dev_rows),
         "config": {"B": B, "q": q, "repeats": repeats, "rss_steps": rss_steps, "seed": seed},
         "rows": rows,
         "seq_len": seq_len,

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = tb.load_tiny("llama", seed=0, hidden_size=32, intermediate_size=64)
+    model, tokenizer = tb.load_tiny("llama", seed=0, hidden=32)
     data = tb.load_prompt_data(tokenizer, train_limit=64, dev_limit=16)
     return model, tokenizer, data
 
@@ -271,7 +271,7 @@ def test_smollm2_smoke():
 
 def test_zoo_directions_are_zoo_orts_z_on_peft_weights(tiny_model_dir, tiny_bundle):
     from zoo_ort.bundle import load_bundle
-    from zoo_ort.estimator import directions
+    from zoo_ort.zo import directions
 
     base, _ = tb.load_hf_folder(str(tiny_model_dir("llama")))
     net = tb.add_lora_fa(base, rank=4, alpha=8)

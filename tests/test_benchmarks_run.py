@@ -31,9 +31,11 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/
 
 def test_zoo_side_uses_the_baselines_prompt_and_batches():
     from benchmarks import torch_baselines as tb
+    from zoo_ort.tasks import batch_indices, build_task
 
-    assert zoo_bench.TEMPLATE == tb.TEMPLATE
-    assert tuple(zoo_bench.VERBALIZER.values()) == tb.CANDIDATES
+    task = build_task(zoo_bench.run_settings("bundle").task)
+    assert task.template == tb.TEMPLATE
+    assert tuple(task.verbalizer.values()) == tb.CANDIDATES
     assert tuple(zoo_bench.TARGETS) == tuple(tb.DEFAULT_TARGETS)
     data = tb.PromptData(
         train_ids=[np.arange(3)] * 50,
@@ -44,7 +46,7 @@ def test_zoo_side_uses_the_baselines_prompt_and_batches():
         pad_id=0,
     )
     for step in (0, 1, 7):
-        got = zoo_bench.train_indices(50, 3, step, 16)
+        got = batch_indices(50, 16, 3, step)  # the order of zoo-ort's Prepared.batches()
         assert np.array_equal(got, data.train_indices(3, step, 16))
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks.curve import curve, main, read_log
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.curve import curve, main  # noqa: E402
+from zoo_ort.loop.metrics import read_metrics  # noqa: E402
 
 
 def _write(tmp_path, records):
@@ -27,7 +34,7 @@ def test_points_at_each_evaluation(tmp_path, capsys):
             {"step": 2, "eval": {"accuracy": 0.75, "candidate_loss": 0.5}, "eval_s": 90.0},
         ],
     )
-    points = curve(read_log(tmp_path))
+    points = curve(read_metrics(tmp_path))
     assert [p["step"] for p in points] == [0, 2]
     assert points[1]["train min"] == pytest.approx(2.0)
     assert points[1]["wall min"] == pytest.approx(2.5)  # + the first evaluation's 30 s
@@ -46,5 +53,5 @@ def test_old_logs_share_the_untimed_wall_time(tmp_path):
             {"step": 1, "eval": {"accuracy": 0.6}},
         ],
     )
-    points = curve(read_log(tmp_path), total_wall_s=100.0)  # 40 s over two evaluations
+    points = curve(read_metrics(tmp_path), total_wall_s=100.0)  # 40 s over two evaluations
     assert points[1]["wall min"] == pytest.approx((60 + 20) / 60)
