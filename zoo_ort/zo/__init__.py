@@ -5,7 +5,14 @@ from zoo_ort.zo.directions import direction_rng, directions, grad_from_scalars, 
 from zoo_ort.zo.estimators import QueryResult, evaluate_queries, projected_grads
 from zoo_ort.zo.losses import candidate_cross_entropy, row_losses
 from zoo_ort.zo.rows import pair_losses, perturbed_lora, row_slices
-from zoo_ort.zo.step import TrainState, init_state, optimizer, zo_step
+from zoo_ort.zo.step import (
+    TrainState,
+    apply_scalars,
+    init_state,
+    optimizer,
+    query_step,
+    zo_step,
+)
 
 __all__ = [
     "QueryResult",
@@ -24,4 +31,6 @@ __all__ = [
     "row_losses",
     "row_slices",
     "zo_step",
+    "query_step",
+    "apply_scalars",
 ]

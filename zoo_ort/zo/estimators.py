@@ -132,11 +132,11 @@ def evaluate_queries(
                 f"engine returned {part.shape[0]} losses for {rows.stop - rows.start} rows"
             )
         losses[rows] = part
-    res = _scalars(losses, mode, q, bsz, eps)
+    res = scalars_from_losses(losses, mode, q, bsz, eps)
     return QueryResult(**res, rows=n_rows, forwards=len(chunks))
 
 
-def _scalars(losses: np.ndarray, mode: str, q: int, bsz: int, eps: float) -> dict:
+def scalars_from_losses(losses: np.ndarray, mode: str, q: int, bsz: int, eps: float) -> dict:
     """The QueryResult fields that come from the row losses, for ``mode``'s layout."""
     finite = bool(np.isfinite(losses).all())
     if mode == "fzoo":

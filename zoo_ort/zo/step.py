@@ -89,13 +89,29 @@ def zo_step(
 ) -> tuple[TrainState, dict[str, Any]]:
     """Run step ``state.step`` on ``batch``; return the next state and the step's record.
 
-    A step whose losses or update are not finite is skipped (parameters and optimiser state
-    unchanged) and counted in ``non_finite``. ``scratch`` (one per run) reuses the perturbed
-    rows' memory between steps; it changes no result.
+    The two halves are separate functions because that is where a step can be spread out:
+    :func:`query_step` scores the perturbed rows (the only engine work) and returns scalars;
+    :func:`apply_scalars` replays the update from those scalars and the seeds. A step whose
+    losses or update are not finite is skipped (parameters and optimiser state unchanged) and
+    counted in ``non_finite``. ``scratch`` (one per run) reuses the perturbed rows' memory
+    between steps; it changes no result.
     """
+    return apply_scalars(
+        state, query_step(engine, state, batch, settings, scratch=scratch), settings
+    )
+
+
+def query_step(
+    engine: Engine,
+    state: TrainState,
+    batch: LabeledBatch,
+    settings: Settings,
+    *,
+    scratch: Scratch | None = None,
+) -> QueryResult:
+    """The scalars of step ``state.step`` on ``batch`` (the estimator alone, no update)."""
     s, step = settings, state.step
-    lr = make_schedule(s.schedule, s.lr, s.steps, s.warmup)(step - state.non_finite)
-    res = evaluate_queries(
+    return evaluate_queries(
         engine,
         state.params,
         state.frozen,
@@ -110,6 +126,14 @@ def zo_step(
         scratch=scratch,
         scale=hizoo.inv_sqrt(state.est_state) if s.estimator == "hizoo" else None,
     )
+
+
+def apply_scalars(
+    state: TrainState, res: QueryResult, settings: Settings
+) -> tuple[TrainState, dict[str, Any]]:
+    """The next state and the step's record from the step's scalars (replayed from seeds)."""
+    s, step = settings, state.step
+    lr = make_schedule(s.schedule, s.lr, s.steps, s.warmup)(step - state.non_finite)
     params, opt_state, est, applied = state.params, state.opt_state, state.est_state, False
     if res.finite:
         grads, new_est = _replay(state, res, s)
