@@ -250,6 +250,12 @@ def _run_builder(hf_dir: Path, out: Path, cache: Path, adapter: Path | None = No
 
 
 def _write_hf_folder(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    # A GGUF is de-quantized to plain fp32 weights on load, but transformers still marks the model
+    # "quantized with gguf" and refuses to save it: the mark is dropped, the weights are plain.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     with quiet_progress_bars():
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -112,6 +112,7 @@ def test_failure_midway_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
 
 def test_recipes():
     from zoo_ort.exporters import SUPPORTED_ARCHITECTURES, list_recipes, load_recipe
+
     from zoo_ort.settings import resolve_settings
 
     names = list_recipes()
