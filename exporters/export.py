@@ -73,7 +73,6 @@ def export_bundle(
     target: str | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    dtype: str = "float32",
     progress: Progress | None = None,
     targets: int | None = None,
     candidates: int | None = None,
@@ -90,7 +89,7 @@ def export_bundle(
     """
     say = progress or (lambda _message: None)
     out = Path(out).expanduser()
-    _check_options(rank, mode, rows, seq_len, quantize, target, dtype, targets, candidates)
+    _check_options(rank, mode, rows, seq_len, quantize, target, targets, candidates)
     _check_out(out, overwrite)
 
     source = resolve(model)
@@ -165,7 +164,6 @@ def _check_options(
     seq_len: int | None,
     quantize: str | None,
     target: str | None,
-    dtype: str,
     targets: int | None,
     candidates: int | None,
 ) -> None:
@@ -192,11 +190,6 @@ def _check_options(
         raise ZooError(f"target {target} needs static shapes; give rows and seq_len")
     if target is not None and quantize is not None:
         raise ZooError(f"target {target} sets its own precision; drop quantize={quantize!r}")
-    if dtype != "float32":
-        raise ZooError(
-            f"dtype {dtype!r} is not supported; export float32 (use quantize='int8' for a "
-            "smaller base)"
-        )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -37,7 +37,6 @@ def test_bad_options(tmp_path, tiny_model_dir):
     _fails(src, out, "unknown LoRA mode", mode="half")
     _fails(src, out, "unknown quantization", quantize="int4")
     _fails(src, out, "unknown target", target="tpu")
-    _fails(src, out, "dtype", dtype="float16")
     _fails(src, out, "both rows and seq_len", rows=4)
     _fails(src, out, "exceeds the model's maximum", rows=2, seq_len=100000)
     assert not (tmp_path / "sub").exists()

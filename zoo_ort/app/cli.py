@@ -43,6 +43,15 @@ err = Console(stderr=True)
 Opt = typer.Option
 
 
+class _Command(typer.core.TyperCommand):
+    """Usage lines read ``zoo-ort train [OPTIONS] BUNDLE``: typer's ``{BUNDLE}`` braces for a
+    required argument read like a placeholder syntax to newcomers."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
 def _version(value: bool) -> None:
     if value:
         from zoo_ort import __version__
@@ -65,7 +74,7 @@ def _root(
 STATIC = "Static graphs (NPUs)"
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     model: Annotated[
         str,
@@ -200,8 +209,9 @@ def _resolve(bundle: Path, options: dict[str, Any], config: Path | None, for_tra
 
 
 @app.command(
+    cls=_Command,
     epilog="Defaults shown are zoo-ort's; a bundle's recipe (models/*.toml) may set others. "
-    "--show-config prints the values a run will use and where each comes from."
+    "--show-config prints the values a run will use and where each comes from.",
 )
 @flags.with_options(
     flags.setting_params(flags.training_flag_names(), RECIPE_NOTE) + flags.provider_params()
@@ -245,7 +255,7 @@ def train(
         raise typer.Exit(130)  # interrupted: saved, but not finished (so `train && next` stops)
 
 
-@app.command(name="eval")
+@app.command(cls=_Command, name="eval")
 @flags.with_options(flags.setting_params(EVAL_FLAGS, RECIPE_NOTE) + flags.provider_params())
 def eval_(
     bundle: BundleArg,
@@ -310,7 +320,7 @@ def _stage_printer() -> Any:
     )
 
 
-@app.command(name="genai-export")
+@app.command(cls=_Command, name="genai-export")
 def genai_export(
     bundle: BundleArg,
     out_dir: Annotated[Path, Opt("--out", help="onnxruntime-genai model folder")],
@@ -326,7 +336,7 @@ def genai_export(
     out.print(f"generation folder written to [bold]{escape(str(path))}[/bold]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
     bundle: BundleArg,
     adapter: Annotated[Path, Opt(help="Adapter folder, or a run folder (its best/)")],
@@ -355,7 +365,7 @@ def merge(
     out.print(f"merged model written to [bold]{escape(str(path))}[/bold]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     model_dir: Annotated[
         Path, typer.Argument(metavar="MODEL_DIR", help="genai-export or merge output folder")
@@ -403,7 +413,7 @@ def generate(
 
 
 # -- providers --
-@app.command()
+@app.command(cls=_Command)
 def providers() -> None:
     """List execution providers: usable here or why not, and their options."""
     from zoo_ort.providers import describe_all
