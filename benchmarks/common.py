@@ -35,6 +35,9 @@ import numpy as np
 from zoo_ort.io import atomic_write_json, atomic_write_text, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A time budget never stops a contender before this many steps: on a loaded machine a tiny budget
+# could otherwise leave one point, and nothing to compare (the quick run's budget is 1 s).
+MIN_STEPS = 3
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 _PACKAGES = ("numpy", "onnxruntime", "torch", "transformers", "peft", "tokenizers", "zoo-ort")

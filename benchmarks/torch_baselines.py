@@ -43,7 +43,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DATA_DIR, PeakRSS, ids_digest, run_in_subprocess, write_results
+from benchmarks.common import (
+    DATA_DIR,
+    MIN_STEPS,
+    PeakRSS,
+    ids_digest,
+    run_in_subprocess,
+    write_results,
+)
 from zoo_ort.tasks.sampler import batch_indices, epoch_permutation
 
 TEMPLATE = "Review: {sentence}\nSentiment (positive or negative):"
@@ -492,7 +499,8 @@ class _Run:
             t0 = time.perf_counter()
             loss = step(k, self.data.train_batch(self.seed, k, self.B))
             self.record(k, time.perf_counter() - t0, loss)
-            if self.time_budget_s is not None and self.train_s >= self.time_budget_s:
+            over = self.time_budget_s is not None and self.train_s >= self.time_budget_s
+            if over and k + 1 >= MIN_STEPS:
                 return "time_budget"
         return "steps"
 

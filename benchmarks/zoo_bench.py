@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.common import DATA_DIR, PeakRSS, ids_digest
+from benchmarks.common import DATA_DIR, MIN_STEPS, PeakRSS, ids_digest
 
 if TYPE_CHECKING:  # annotations only: each function imports the runtime it runs where it runs it
     from zoo_ort.app.wiring import Prepared
@@ -494,7 +494,8 @@ def zoo_train(
         score(latest.pop("lora"), record["step"])
 
     def should_stop() -> bool:
-        return time_budget_s is not None and clock["train_s"] >= time_budget_s
+        over = time_budget_s is not None and clock["train_s"] >= time_budget_s
+        return over and len(step_times) >= MIN_STEPS
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir, PeakRSS() as rss:
         start = time.perf_counter()

@@ -54,6 +54,9 @@ ADAPTER_INIT = "adapter_init.safetensors"
 TARGETS_KNOWN = ("nnapi", "qnn", "coreml")
 QUANTIZE_KNOWN = ("int8",)
 DEFAULT_RANK = 8
+# The NPU graph (mobile.py) builds plain causal masks: no sliding windows, ALiBi token masks or
+# logit soft-capping, so only these families are exported for it.
+NPU_FAMILIES = ("llama", "qwen2", "gpt2", "opt")
 DEFAULT_CANDIDATES = 2  # static graphs: two label words (binary classification)
 
 Progress = Callable[[str], None]
@@ -100,6 +103,11 @@ def export_bundle(
         alpha = float(lora_recipe["alpha"]) if "alpha" in lora_recipe else 2.0 * rank
     config = load_config(source)
     arch = architecture(config.model_type)
+    if target is not None and arch.model_type not in NPU_FAMILIES:
+        raise ZooError(
+            f"static NPU graphs are verified for {', '.join(NPU_FAMILIES)} only; "
+            f"{arch.model_type} needs masks or soft-capping the NPU graph does not build yet"
+        )
     chosen = list(target_modules or lora_recipe.get("target_modules") or arch.default_targets)
     sites = find_sites(meta_model(config), chosen)
     shapes = _shapes(config, recipe, rows, seq_len, targets, candidates)

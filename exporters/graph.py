@@ -16,6 +16,7 @@ import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +42,10 @@ class ScoringModel(nn.Module):
         self.backbone = getattr(model, arch.backbone)
         self.lm_head = getattr(model, arch.lm_head)
         self._context = context
+        self.token_mask = arch.token_mask
+        self.windows = sliding_windows(model.config)
+        # Gemma 2 squashes its logits (tanh) after the LM head, in the *ForCausalLM forward.
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(
         self,
@@ -55,28 +60,63 @@ class ScoringModel(nn.Module):
         self._context.tensors = [(lora[i], lora[i + 1]) for i in range(0, len(lora), 2)]
         # Positions count real tokens only, so left and right padding score identically.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        seq = torch.arange(input_ids.shape[1], device=input_ids.device)
-        allowed = (seq[None, :] <= seq[:, None])[None, None] & attention_mask[
-            :, None, None, :
-        ].bool()
-        # A ready 4D additive mask (causal + key padding) bypasses each architecture's own mask
-        # construction, so all of them see the same, export-friendly mask.
-        bias = torch.where(
-            allowed,
-            torch.zeros((), dtype=torch.float32),
-            torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32),
-        )
+        mask = attention_mask if self.token_mask else self._masks(attention_mask, position_ids)
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         index = target_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         logits = self.lm_head(torch.gather(hidden, 1, index)).float()  # [N, K, V]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         logprobs = torch.log_softmax(logits, dim=-1)
         nll = -torch.gather(logprobs, 2, target_ids.unsqueeze(-1)).squeeze(-1)  # [N, K]
         count = target_mask.sum(-1)
         loss = (nll * target_mask).sum(-1) / torch.where(count > 0, count, torch.ones_like(count))
         candidates = candidate_ids.unsqueeze(1).expand(-1, target_ids.shape[1], -1)
         return loss, torch.gather(logprobs, 2, candidates)
+
+    def _masks(
+        self, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Ready 4D additive masks (causal + key padding, and the sliding window where a layer
+        has one): they bypass each architecture's own mask construction, so all of them see the
+        same, export-friendly mask. Models with several layer types take one mask per type."""
+        seq = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        allowed = (seq[None, :] <= seq[:, None])[None, None] & attention_mask[
+            :, None, None, :
+        ].bool()
+        if self.windows is None:
+            return _additive(allowed)
+        # Windows count real tokens (positions), as in the unpadded row.
+        distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]
+        masks = {
+            kind: _additive(allowed if window is None else allowed & (distance < window))
+            for kind, window in self.windows.items()
+        }
+        return masks.get("", masks)
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.where(
+        allowed,
+        torch.zeros((), dtype=torch.float32),
+        torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32),
+    )
+
+
+def sliding_windows(config: Any) -> dict[str, int | None] | None:
+    """Sliding attention windows by layer type (transformers' ``layer_types``), ``{"": w}`` when
+    every layer has window ``w`` (Mistral's ``sliding_window``), or None when no layer has one.
+
+    transformers' rule, followed here: a key is visible if ``q - k < window``.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if "sliding_attention" not in layer_types:
+            return None
+        return {kind: (window if kind == "sliding_attention" else None) for kind in layer_types}
+    return {"": int(window)} if window is not None else None
 
 
 @dataclass(frozen=True)

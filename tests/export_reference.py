@@ -165,3 +165,20 @@ class PeftReference:
             losses.append(loss)
             cands.append(cand)
         return np.array(losses), np.stack(cands)
+
+
+def peft_default_modules(source: Path | str) -> list[str]:
+    """The modules ``get_peft_model`` adapts when given no ``target_modules`` (peft's defaults
+    for the model's type), as paths inside the source model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, lora_dropout=0.0))
+    prefix = "base_model.model."
+    return [
+        name.removeprefix(prefix)
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and name.startswith(prefix)
+    ]

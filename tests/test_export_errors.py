@@ -29,6 +29,12 @@ def _fails(model: str, out: Path, match: str, **kwargs) -> str:
     return message
 
 
+def test_npu_graphs_only_for_verified_families(tmp_path, tiny_model_dir):
+    """mistral needs sliding-window masks the static NPU graph does not build: refused."""
+    src = str(tiny_model_dir("mistral"))
+    _fails(src, tmp_path / "b", "verified for llama", rows=2, seq_len=16, target="nnapi")
+
+
 def test_bad_options(tmp_path, tiny_model_dir):
     src = str(tiny_model_dir("llama"))
     out = tmp_path / "sub" / "bundle"
@@ -116,7 +122,7 @@ def test_recipes():
 
     names = list_recipes()
     assert {"smollm2-135m", "tinyllama-1.1b", "qwen2-0.5b", "gpt2", "opt-125m"} <= set(names)
-    assert set(SUPPORTED_ARCHITECTURES) == {"llama", "qwen2", "gpt2", "opt"}
+    assert {"llama", "qwen2", "gpt2", "opt"} <= set(SUPPORTED_ARCHITECTURES)
     for name in names:
         recipe = load_recipe(name)
         assert recipe["name"] == name and "/" in recipe["hub_id"]

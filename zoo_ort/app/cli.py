@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from zoo_ort.app import flags
 from zoo_ort.errors import ZooError
 
 EP = flags.PROVIDER_PANEL
+RAY = "Workers (Ray)"
 
 app = typer.Typer(
     add_completion=False,
@@ -234,22 +236,38 @@ def train(
     provider: ProviderOpt = "cpu",
     fallback: FallbackOpt = None,
     provider_option: ProviderOptionOpt = None,
+    workers: Annotated[
+        int | None, Opt(help="Spread each step over N Ray workers", rich_help_panel=RAY)
+    ] = None,
+    share: Annotated[
+        str, Opt(help="How workers share a step: query or example", rich_help_panel=RAY)
+    ] = "query",
+    ray_address: Annotated[
+        str | None, Opt(help="Join this Ray cluster [a local one]", rich_help_panel=RAY)
+    ] = None,
     **options: Any,
 ) -> None:
     """Fine-tune a bundle's LoRA adapter with zeroth-order steps (P-RGE)."""
     from zoo_ort.app import wiring
 
+    if ray_address and not workers:
+        raise ZooError("--ray-address needs --workers N")
     options |= {"out": str(out_dir), "provider": provider, "fallback": fallback}
     options["provider_option"] = provider_option
     resolved = _resolve(bundle, options, config, for_training=True)
     if show_config:
         _print_settings(resolved)
         return
+    run = wiring.train_run
+    if workers:
+        from zoo_ort.scale.ray_workers import train_with_workers
+
+        run = functools.partial(
+            train_with_workers, workers=workers, share=share, ray_address=ray_address
+        )
     stop = _StopFlag()
     with stop, _TrainView() as view:
-        summary = wiring.train_run(
-            resolved.settings, resume=resume, on_event=view.event, should_stop=stop
-        )
+        summary = run(resolved.settings, resume=resume, on_event=view.event, should_stop=stop)
     _print_summary(summary)
     if summary["result"].stopped and stop.requested:
         raise typer.Exit(130)  # interrupted: saved, but not finished (so `train && next` stops)
@@ -298,6 +316,68 @@ def _print_settings(resolved: Any) -> None:
     for name, value in resolved.settings.to_dict().items():
         table.add_row(name, escape(repr(value)), escape(resolved.sources.get(name, "default")))
     out.print(table)
+
+
+# -- federated --
+FL = "Federation"
+
+
+@app.command(cls=_Command)
+@flags.with_options(
+    flags.setting_params(flags.training_flag_names(), RECIPE_NOTE) + flags.provider_params()
+)
+def federate(
+    bundle: BundleArg,
+    out_dir: Annotated[Path, Opt("--out", help="Server's run folder", rich_help_panel=FL)],
+    clients: Annotated[int, Opt(help="Clients K (shards of the train split)", rich_help_panel=FL)],
+    rounds: Annotated[int, Opt(help="Rounds R", rich_help_panel=FL)],
+    per_round: Annotated[
+        int | None, Opt(help="Clients sampled per round M [K]", rich_help_panel=FL)
+    ] = None,
+    local_steps: Annotated[int, Opt(help="Local ZO steps s per round", rich_help_panel=FL)] = 1,
+    alpha: Annotated[
+        float, Opt(help="Dirichlet α of the label split (large: IID)", rich_help_panel=FL)
+    ] = 0.5,
+    g_limit: Annotated[
+        float | None, Opt(help="Reject |g| above this [100/eps]", rich_help_panel=FL)
+    ] = None,
+    outlier_factor: Annotated[
+        float, Opt(help="Reject a client whose g RMS exceeds this x the median", rich_help_panel=FL)
+    ] = 10.0,
+    eval_every_rounds: Annotated[int, Opt(help="Evaluate every K rounds", rich_help_panel=FL)] = 1,
+    round_timeout: Annotated[
+        float | None, Opt(help="Seconds before a silent client is dropped", rich_help_panel=FL)
+    ] = None,
+    num_cpus: Annotated[int | None, Opt(help="CPUs for the simulation", rich_help_panel=FL)] = None,
+    config: ConfigOpt = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the server's last round")] = False,
+    provider: ProviderOpt = "cpu",
+    fallback: FallbackOpt = None,
+    provider_option: ProviderOptionOpt = None,
+    **options: Any,
+) -> None:
+    """Federated fine-tuning in Flower's simulation: clients send seeds and scalars only."""
+    from zoo_ort.scale.federated import federate as run_federation
+
+    options |= {"out": str(out_dir), "provider": provider, "fallback": fallback}
+    options["provider_option"] = provider_option
+    resolved = _resolve(bundle, options, config, for_training=True)
+    with err.status("federating"):
+        summary = run_federation(
+            resolved.settings,
+            clients=clients,
+            per_round=per_round or clients,
+            rounds=rounds,
+            local_steps=local_steps,
+            alpha=alpha,
+            g_limit=g_limit,
+            outlier_factor=outlier_factor,
+            eval_every=eval_every_rounds,
+            round_timeout=round_timeout,
+            resume=resume,
+            num_cpus=num_cpus,
+        )
+    _print_summary(summary)
 
 
 # -- generation --
@@ -508,8 +588,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    # Flower phones home unless told not to; nothing of zoo-ort's may reach the network.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     try:
-        app()
+        app(prog_name="zoo-ort")
     except ZooError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -205,14 +206,23 @@ def saved_settings(s: Settings) -> dict[str, Any]:
 Event = Callable[[str, dict[str, Any]], None]
 
 
+EngineScope = Callable[["Prepared"], AbstractContextManager[Any]]
+
+
 def train_run(
     settings: Settings,
     *,
     resume: bool = False,
     on_event: Event | None = None,
     should_stop: Callable[[], bool] | None = None,
+    engine_scope: EngineScope | None = None,
 ) -> dict[str, Any]:
-    """Train as ``settings`` say; returns a summary (result, evaluations, lines to show)."""
+    """Train as ``settings`` say; returns a summary (result, evaluations, lines to show).
+
+    ``engine_scope(prepared)`` (e.g. Ray workers) is a context manager yielding the engine the
+    loop steps with, in place of the prepared one; it may offer ``finish(result) -> dict``
+    (merged into the summary) and ``note`` (appended to the run's description).
+    """
     from zoo_ort.loop.checkpoint import has_checkpoint
 
     emit = on_event or (lambda kind, info: None)
@@ -227,7 +237,6 @@ def train_run(
     if not continuing:  # a resumed run's settings are checked by train() before they are saved
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(run_dir / "config.toml", saved_settings(settings), comment=comment)
-    emit("message", {"text": describe(p)})
     started = time.perf_counter()
 
     def on_step(info: dict[str, Any]) -> None:
@@ -236,20 +245,26 @@ def train_run(
         if info.get("eval"):
             emit("eval", {"step": info["step"], "split": "dev", "metrics": info["eval"]})
 
-    emit("start", {"steps": settings.steps, "step": 0})
-    result = p.train(
-        run_dir,
-        on_step=on_step,
-        resume=resume,
-        should_stop=should_stop,
-        fingerprint=_fingerprint(p.bundle),
-    )
+    extra: dict[str, Any] = {}
+    with engine_scope(p) if engine_scope else nullcontext(p.engine) as engine:
+        p = replace(p, engine=engine)
+        emit("message", {"text": describe(p) + getattr(engine, "note", "")})
+        emit("start", {"steps": settings.steps, "step": 0})
+        result = p.train(
+            run_dir,
+            on_step=on_step,
+            resume=resume,
+            should_stop=should_stop,
+            fingerprint=_fingerprint(p.bundle),
+        )
+        if hasattr(engine, "finish"):
+            extra = dict(engine.finish(result))
     if continuing and not result.already_finished:
         save_toml(run_dir / "config.toml", saved_settings(settings), comment=comment)
     from zoo_ort.app.summary import summary_lines
 
     lines = summary_lines(settings, result, run_dir, time.perf_counter() - started)
-    return {"result": result, "evals": _evals(run_dir), "lines": lines}
+    return {"result": result, "evals": _evals(run_dir), "lines": lines, **extra}
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:

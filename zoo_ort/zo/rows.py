@@ -86,6 +86,52 @@ def perturbed_lora(
     return out
 
 
+def perturbed_lora_at(
+    params: Mapping[str, np.ndarray],
+    frozen: Mapping[str, np.ndarray],
+    run_seed: int,
+    step: int,
+    q: int,
+    eps: float,
+    batch_size: int,
+    rows: np.ndarray,
+    *,
+    mode: str = "batched",
+    scale: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """As :func:`perturbed_lora` for the rows ``rows`` (ascending indices into the step's row
+    layout, any subset): each row is bit-identical to the same row of the full layout. A worker
+    scoring a share of a step (some queries, or some examples of every query) builds its rows
+    with this; each query's direction is drawn once."""
+    layout = groups(mode, q)
+    rows = np.asarray(rows, dtype=np.int64)
+    n_rows = len(layout) * batch_size
+    if rows.ndim != 1 or not rows.size or rows[0] < 0 or rows[-1] >= n_rows:
+        raise ValueError(f"rows must be indices in [0, {n_rows}), got {rows!r}")
+    if (np.diff(rows) <= 0).any():
+        raise ValueError("rows must be strictly ascending")
+    eps32 = np.float32(eps)
+    out = {name: np.empty((rows.size, *np.shape(v)), np.float32) for name, v in params.items()}
+    cuts = np.searchsorted(rows, np.arange(len(layout) + 1) * batch_size)
+    z, z_query = None, None
+    for k, (i, sign) in enumerate(layout):
+        lo, hi = int(cuts[k]), int(cuts[k + 1])
+        if lo == hi:
+            continue
+        if i is not None and i != z_query:
+            z, z_query = _direction(params, run_seed, step, i, DRAW[mode], scale), i
+        for name, theta in params.items():
+            if i is None:
+                out[name][lo:hi] = theta
+            else:
+                out[name][lo:hi] = theta + np.float32(sign) * eps32 * z[name]
+    for name, v in frozen.items():
+        if name in out:
+            raise ValueError(f"{name} is both trainable and frozen")
+        out[name] = v
+    return out
+
+
 def _direction(
     params: Mapping[str, np.ndarray],
     run_seed: int,

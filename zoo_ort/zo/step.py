@@ -109,7 +109,14 @@ def query_step(
     *,
     scratch: Scratch | None = None,
 ) -> QueryResult:
-    """The scalars of step ``state.step`` on ``batch`` (the estimator alone, no update)."""
+    """The scalars of step ``state.step`` on ``batch`` (the estimator alone, no update).
+
+    An engine with a ``score_step(state, batch, settings)`` method (a pool of workers, see
+    :mod:`zoo_ort.scale.ray_workers`) scores the whole step itself and returns its result.
+    """
+    score_step = getattr(engine, "score_step", None)
+    if score_step is not None:
+        return score_step(state, batch, settings)
     s, step = settings, state.step
     return evaluate_queries(
         engine,
@@ -134,14 +141,8 @@ def apply_scalars(
     """The next state and the step's record from the step's scalars (replayed from seeds)."""
     s, step = settings, state.step
     lr = make_schedule(s.schedule, s.lr, s.steps, s.warmup)(step - state.non_finite)
-    params, opt_state, est, applied = state.params, state.opt_state, state.est_state, False
-    if res.finite:
-        grads, new_est = _replay(state, res, s)
-        updates, new_opt = optimizer(s).update(grads, state.opt_state, state.params)
-        new_params = apply_updates(state.params, updates)
-        if _all_finite(new_params, new_opt, new_est):
-            params, opt_state, est, applied = new_params, new_opt, new_est, True
-    non_finite = state.non_finite + (not applied)
+    new = advance(state, res.g, res.finite, s, res.curv)
+    applied, non_finite = new.non_finite == state.non_finite, new.non_finite
     record: dict[str, Any] = {
         "kind": "step",
         "step": step + 1,
@@ -157,22 +158,42 @@ def apply_scalars(
         "rows": res.rows,
         "forwards": res.forwards,
     }
-    new = replace(
+    return new, record
+
+
+def advance(
+    state: TrainState,
+    g: np.ndarray,
+    finite: bool,
+    settings: Settings,
+    curv: np.ndarray | None = None,
+) -> TrainState:
+    """The state after step ``state.step`` from its scalars alone (``g``, HiZOO's ``curv``, and
+    whether the losses were finite): what a worker replays to follow the driver's update."""
+    params, opt_state, est, applied = state.params, state.opt_state, state.est_state, False
+    if finite:
+        grads, new_est = _replay(state, g, curv, settings)
+        updates, new_opt = optimizer(settings).update(grads, state.opt_state, state.params)
+        new_params = apply_updates(state.params, updates)
+        if _all_finite(new_params, new_opt, new_est):
+            params, opt_state, est, applied = new_params, new_opt, new_est, True
+    return replace(
         state,
         params=params,
         opt_state=opt_state,
         est_state=est,
-        step=step + 1,
-        non_finite=non_finite,
+        step=state.step + 1,
+        non_finite=state.non_finite + (not applied),
     )
-    return new, record
 
 
-def _replay(state: TrainState, res: QueryResult, s: Settings) -> tuple[Tensors, Tensors]:
+def _replay(
+    state: TrainState, g: np.ndarray, curv: np.ndarray | None, s: Settings
+) -> tuple[Tensors, Tensors]:
     """``(gradient estimate, next estimator state)`` from the step's scalars and seeds."""
     if s.estimator == "hizoo":
         return hizoo.replay(
-            state.params, state.est_state, res.g, res.curv, s.seed, state.step, s.hizoo_smooth
+            state.params, state.est_state, g, curv, s.seed, state.step, s.hizoo_smooth
         )
     draw = "rademacher" if s.estimator == "fzoo" else "gaussian"
-    return grad_from_scalars(state.params, res.g, s.seed, state.step, draw), state.est_state
+    return grad_from_scalars(state.params, g, s.seed, state.step, draw), state.est_state
