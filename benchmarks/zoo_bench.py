@@ -315,21 +315,11 @@ def step_queries(
 ) -> QueryResult:
     """Step ``step``'s queries on ``batch`` at the initial adapter, scored as ``zo_step``
     scores them under the settings ``s`` (a :class:`~zoo_ort.zo.QueryResult`)."""
-    from zoo_ort.zo import evaluate_queries
+    from dataclasses import replace
 
-    return evaluate_queries(
-        engine,
-        p.params,
-        p.frozen,
-        batch,
-        run_seed=s.seed,
-        step=step,
-        q=s.queries,
-        eps=s.eps,
-        loss=s.loss,
-        mode=s.estimator,
-        row_budget=s.row_budget or None,
-    )
+    from zoo_ort.zo import init_state, query_step
+
+    return query_step(engine, replace(init_state(p.params, p.frozen, s), step=step), batch, s)
 
 
 def time_step_forward(p: Prepared, s: Settings, repeats: int) -> tuple[list[float], int]:

@@ -74,16 +74,8 @@ def perturbed_lora(
         lo, hi = max(k * group, start) - start, min((k + 1) * group, stop) - start
         if i is not None and i != z_query:
             z, z_query = _direction(params, run_seed, step, i, DRAW[mode], scale), i
-        for name, theta in params.items():
-            if i is None:
-                out[name][lo:hi] = theta
-            else:
-                out[name][lo:hi] = theta + np.float32(sign) * eps32 * z[name]
-    for name, v in frozen.items():
-        if name in out:
-            raise ValueError(f"{name} is both trainable and frozen")
-        out[name] = v
-    return out
+        _fill(out, params, None if i is None else z, sign, eps32, lo, hi)
+    return _with_frozen(out, frozen)
 
 
 def perturbed_lora_at(
@@ -120,11 +112,27 @@ def perturbed_lora_at(
             continue
         if i is not None and i != z_query:
             z, z_query = _direction(params, run_seed, step, i, DRAW[mode], scale), i
-        for name, theta in params.items():
-            if i is None:
-                out[name][lo:hi] = theta
-            else:
-                out[name][lo:hi] = theta + np.float32(sign) * eps32 * z[name]
+        _fill(out, params, None if i is None else z, sign, eps32, lo, hi)
+    return _with_frozen(out, frozen)
+
+
+def _fill(
+    out: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
+    z: Mapping[str, np.ndarray] | None,
+    sign: float,
+    eps32: np.float32,
+    lo: int,
+    hi: int,
+) -> None:
+    """Rows ``lo:hi`` of ``out`` get ``θ + sign·ε·z`` (``θ`` itself when ``z`` is None)."""
+    for name, theta in params.items():
+        out[name][lo:hi] = theta if z is None else theta + np.float32(sign) * eps32 * z[name]
+
+
+def _with_frozen(
+    out: dict[str, np.ndarray], frozen: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     for name, v in frozen.items():
         if name in out:
             raise ValueError(f"{name} is both trainable and frozen")
