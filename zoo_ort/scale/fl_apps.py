@@ -26,6 +26,7 @@ log = logging.getLogger("zoo_ort.federated")
 KEY = "zoo"
 CACHE, CACHE_META = "zoo.cache", "zoo.cache.meta"
 HELLO = "query.hello"
+SYNC = "query.sync"
 WAIT_FOR_NODES_S = 120.0  # how long a deployed server waits for its SuperNodes to connect
 
 
@@ -51,13 +52,20 @@ def wire_bytes(content: RecordDict) -> int:
 def make_server_app(
     make_server: Callable[[Context], FedServer],
     on_done: Callable[[FedServer], None],
+    *,
+    final_sync: bool | Callable[[Context], bool] = False,
+    wait_for_nodes: float | Callable[[Context], float] = WAIT_FOR_NODES_S,
 ) -> ServerApp:
+    """``final_sync``: after the last round every member rebuilds the final adapter and returns
+    its digest (logged as a ``sync`` record). Either option may be a function of the Context
+    (a deployment reads them from the run config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         server = make_server(context)
-        _wait_for_nodes(grid, server.cfg.clients)
+        wait = wait_for_nodes(context) if callable(wait_for_nodes) else wait_for_nodes
+        _wait_for_nodes(grid, server.cfg.clients, float(wait))
         while not server.done:
             _greet(grid, server)
             sampled = server.sample()
@@ -73,13 +81,16 @@ def make_server_app(
                 record["rejected"],
                 record["dropped"],
             )
+        if final_sync(context) if callable(final_sync) else final_sync:
+            _greet(grid, server)
+            _sync(grid, server)
         on_done(server)
 
     return app
 
 
-def _wait_for_nodes(grid: Grid, want: int) -> None:
-    deadline = time.monotonic() + WAIT_FOR_NODES_S
+def _wait_for_nodes(grid: Grid, want: int, seconds: float = WAIT_FOR_NODES_S) -> None:
+    deadline = time.monotonic() + seconds
     while len(list(grid.get_node_ids())) < want and time.monotonic() < deadline:
         time.sleep(0.5)
 
@@ -132,6 +143,31 @@ def _train_round(
     return replies, up, down
 
 
+def _sync(grid: Grid, server: FedServer) -> dict:
+    """Every member rebuilds the final global adapter; the server logs their digests."""
+    replies: dict[int, dict | None] = {}
+    todo = sorted(server.members)
+    for _attempt in range(2):  # a node asking to resync is sent the whole history once more
+        msgs = [
+            Message(pack(server.payload(node)), dst_node_id=node, message_type=SYNC)
+            for node in todo
+        ]
+        got = {
+            m.metadata.src_node_id: unpack(m)
+            for m in grid.send_and_receive(msgs, timeout=server.cfg.round_timeout)
+        }
+        todo = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            replies[node] = got.get(node)
+            if replies[node] is not None and replies[node].get("status") == "resync":
+                server.resync(node)
+                todo.append(node)
+        if not todo:
+            break
+    return server.finish_sync(replies)
+
+
 # -- client -----------------------------------------------------------------------------------
 
 
@@ -149,6 +185,13 @@ def make_client_app(make_client: Callable[[Context], FedClient]) -> ClientApp:
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
         return Message(pack(client_for(context).hello()), reply_to=msg)
+
+    @app.query("sync")
+    def sync(msg: Message, context: Context) -> Message:
+        client = client_for(context)
+        reply, cache = client.sync(dict(msg.content[KEY]), _load_cache(client, context))
+        _store_cache(context, cache, client.fingerprint)
+        return Message(pack(reply), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -180,3 +223,30 @@ def _store_cache(context: Context, state: Any, fingerprint: str) -> None:
     arrays, meta = state_to_arrays(state)
     context.state[CACHE] = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
     context.state[CACHE_META] = ConfigRecord(meta | {"fingerprint": fingerprint})
+
+
+# -- deployment (SuperLink + SuperNodes) ------------------------------------------------------
+# The components named in ``zoo_ort/scale/flower_app/pyproject.toml``: the same apps, built from
+# the run config (server) and the node config (client); see :mod:`zoo_ort.scale.fl_deploy`.
+
+
+def _deployed_server() -> ServerApp:
+    from zoo_ort.scale import fl_deploy
+
+    return make_server_app(
+        fl_deploy.server_from_context,
+        fl_deploy.close_server,
+        final_sync=fl_deploy.final_sync,
+        wait_for_nodes=fl_deploy.wait_for_nodes,
+    )
+
+
+def _deployed_client() -> ClientApp:
+    from zoo_ort.scale import fl_deploy
+
+    return make_client_app(fl_deploy.client_from_context)
+
+
+# Plain assignments: Flower checks the component names statically (flwr run, flwr build).
+server_app = _deployed_server()
+client_app = _deployed_client()

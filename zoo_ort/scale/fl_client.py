@@ -110,13 +110,7 @@ class FedClient:
         base = {"partition": self.partition, "fingerprint": self.fingerprint}
         if payload.get("fingerprint") != self.fingerprint:
             return base | {"status": "refused"}, cached
-        q = self.settings.queries
-        hizoo = self.settings.estimator == "hizoo"
-        pairs = Pairs(
-            int(payload["sync_from"]),
-            unflatten(list(payload["g"]), q),
-            unflatten(list(payload["curv"]), q) if hizoo else None,
-        )
+        pairs = self._pairs(payload)
         state = self.rebuild(cached, pairs)
         have = -1 if cached is None else cached.step
         if state is None or state.step != int(payload["step"]):
@@ -141,6 +135,30 @@ class FedClient:
         if curv is not None:
             reply["curv"] = flatten(curv)
         return reply, state
+
+    def sync(
+        self, payload: dict[str, Any], cached: TrainState | None
+    ) -> tuple[dict[str, Any], TrainState | None]:
+        """Rebuild the global adapter from the pairs (no training): ``(reply with its digest,
+        the state to cache)``. The server's end-of-run check that clients hold its adapter."""
+        base = {"partition": self.partition, "fingerprint": self.fingerprint}
+        if payload.get("fingerprint") != self.fingerprint:
+            return base | {"status": "refused"}, cached
+        pairs = self._pairs(payload)
+        state = self.rebuild(cached, pairs)
+        if state is None or state.step != int(payload["step"]):
+            have = -1 if cached is None else cached.step
+            return base | {"status": "resync", "have": have}, cached
+        return base | {"status": "ok", "step": state.step, "digest": state_digest(state)}, state
+
+    def _pairs(self, payload: dict[str, Any]) -> Pairs:
+        q = self.settings.queries
+        hizoo = self.settings.estimator == "hizoo"
+        return Pairs(
+            int(payload["sync_from"]),
+            unflatten(list(payload["g"]), q),
+            unflatten(list(payload["curv"]), q) if hizoo else None,
+        )
 
     def _poison(self, gs: list[list[float]]) -> list[list[float]]:
         if self.fault == "drop":

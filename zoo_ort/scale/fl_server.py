@@ -138,6 +138,22 @@ class FedServer:
                 }
             )
             return
+        taken = {int(h["partition"]): n for n, h in self.members.items()}
+        part = hello.get("partition")
+        if isinstance(part, int) and taken.get(part, node) != node:
+            # Two SuperNodes with one partition-id (a deployment's node config): keep the first.
+            self.refused[node] = f"partition {part} is already node {taken[part]}'s"
+            log.warning("refused node %s: %s", node, self.refused[node])
+            self.log.append(
+                {
+                    "kind": "refused",
+                    "step": self.state.step,
+                    "node": node,
+                    "partition": part,
+                    "reason": self.refused[node],
+                }
+            )
+            return
         self.members[node] = hello
 
     # -- rounds -------------------------------------------------------------------------------
@@ -257,6 +273,31 @@ class FedServer:
         if self.done or (every and self.round % every == 0):
             record["eval"] = self.evaluate()
         self.checkpoint()
+        return record
+
+    def finish_sync(self, replies: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
+        """Log the digests the members rebuilt of the final global adapter (node -> reply of a
+        ``query.sync``; None: no reply). ``in_sync``: every member answered with the server's
+        digest (deployment's end-of-run check that the clients hold the server's adapter)."""
+        want = state_digest(self.state)
+        got: dict[str, str | None] = {}
+        for node, rep in sorted(replies.items()):
+            part = self.members.get(node, {}).get("partition", node)
+            ok = rep is not None and rep.get("status") == "ok"
+            got[str(part)] = str(rep.get("digest")) if ok else None
+            if ok and int(rep.get("step", -1)) == self.state.step:
+                self.known[node] = self.state.step
+        record = {
+            "kind": "sync",
+            "round": self.round,
+            "step": self.state.step,
+            "digest": want,
+            "client_digests": dict(sorted(got.items())),
+            "in_sync": bool(got) and all(d == want for d in got.values()),
+        }
+        if not record["in_sync"]:
+            log.warning("final sync: clients rebuilt %s, the server holds %s", got, want)
+        self.log.append(record)
         return record
 
     # -- outputs ------------------------------------------------------------------------------
