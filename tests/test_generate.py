@@ -383,3 +383,20 @@ def test_cli_generate_and_merge(llama: Tiny, tmp_path: Path) -> None:
     assert res.stdout.rstrip("\n") == want
     res = zoo("generate", llama.genai, "--adapter", llama.adapters["one"], "--max-new-tokens", "8")
     assert res.returncode == 2 and "no prompt" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_choose_ranks_answers_like_peft(llama: Tiny, reference: Reference) -> None:
+    """`choose` = softmax over the choices' first-token logits, as PyTorch + peft give them."""
+    import torch
+
+    from zoo_ort.generate import load_generator
+
+    prompt, choices = "the story is", [" good", " bad", " funny"]
+    ids = reference.prompt_ids(prompt)
+    firsts = [reference.tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]
+    for adapter in (None, llama.adapters["one"]):
+        with torch.no_grad():
+            logits = reference.model(adapter)(torch.tensor([ids])).logits[0, -1].double()
+        want = torch.softmax(logits[firsts], dim=0).numpy()
+        got = dict(load_generator(llama.genai, adapter).choose(prompt, choices, chat=False))
+        np.testing.assert_allclose([got[c] for c in choices], want, atol=1e-4)

@@ -452,7 +452,9 @@ def generate(
     ],
     adapter: Annotated[Path | None, Opt(help="Adapter folder, or a run folder (its best/)")] = None,
     prompt: Annotated[list[str] | None, Opt(help="Prompt (repeatable)")] = None,
-    prompts_file: Annotated[Path | None, Opt(help="One prompt per line")] = None,
+    prompts_file: Annotated[
+        Path | None, Opt(help="One prompt per line; \\n in a line is a line break")
+    ] = None,
     max_new_tokens: Annotated[int, Opt(help="Most tokens to generate")] = 64,
     temperature: Annotated[float, Opt(help="0: greedy; > 0: sampling")] = 0.0,
     top_p: Annotated[float, Opt(help="Nucleus sampling mass")] = 1.0,
@@ -460,6 +462,10 @@ def generate(
     seed: Annotated[int | None, Opt(help="Sampling seed")] = None,
     chat: Annotated[
         bool | None, Opt("--chat/--no-chat", help="Apply the chat template [when there is one]")
+    ] = None,
+    choices: Annotated[
+        str | None,
+        Opt(help="Comma-separated answers (e.g. ' positive, negative'): print the likeliest"),
     ] = None,
 ) -> None:
     """Generate text with the base model, or with a trained adapter, on ONNX Runtime."""
@@ -472,7 +478,7 @@ def generate(
             lines = prompts_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ZooError(f"{prompts_file}: cannot read prompts ({e})") from None
-        prompts += [line for line in lines if line.strip()]
+        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise ZooError("no prompt: pass --prompt TEXT or --prompts-file FILE")
     config = GenerationConfig(
@@ -484,9 +490,15 @@ def generate(
         chat=chat,
     )
     generator = load_generator(model_dir, adapter_folder(adapter) if adapter else None)
+    options = [c for c in (choices or "").split(",") if c.strip()]
     for text in prompts:
         if len(prompts) > 1:
             out.print(f"[bold]> {escape(text)}[/bold]")
+        if options:
+            ranked = generator.choose(text, options, chat)
+            probs = ", ".join(f"{c.strip()} {p:.2f}" for c, p in ranked)
+            out.print(f"{escape(ranked[0][0].strip())} ({escape(probs)})", highlight=False)
+            continue
         for piece in generator.generate(text, config):
             out.print(escape(piece), end="", soft_wrap=True, highlight=False)
         out.print()

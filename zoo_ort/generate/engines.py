@@ -45,6 +45,8 @@ class Engine(Protocol):
         self, prompt: Sequence[int], max_new: int, sampling: Sampling, adapter: str | None
     ) -> Iterator[int]: ...
 
+    def next_logits(self, prompt: Sequence[int], adapter: str | None) -> np.ndarray: ...
+
     def load_adapter(self, file: Path, name: str) -> None: ...
 
     def unload_adapter(self, name: str) -> None: ...
@@ -95,6 +97,16 @@ class GenaiEngine:
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])
 
+    def next_logits(self, prompt: Sequence[int], adapter: str | None) -> np.ndarray:
+        """The logits (float32 ``[vocab]``) of the token after ``prompt``."""
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(**self._search_options(len(prompt) + 1, Sampling()))
+        generator = self._og.Generator(self.model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+        return np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1)
+
     def _search_options(self, max_length: int, sampling: Sampling) -> dict[str, float | bool]:
         # Every option is set: the folder's genai_config may carry other defaults (top_k=50).
         options: dict[str, float | bool] = {
@@ -135,6 +147,13 @@ class OnnxEngine:
 
     def unload_adapter(self, name: str) -> None:
         raise ZooError(f"no adapter {name!r} is loaded")
+
+    def next_logits(self, prompt: Sequence[int], adapter: str | None) -> np.ndarray:
+        if adapter is not None:
+            raise ZooError(NO_ADAPTERS)
+        batch = np.asarray([list(prompt)], dtype=np.int64)
+        feeds = {"input_ids": batch, "attention_mask": np.ones_like(batch)}
+        return self.session.run(["logits"], feeds)[0][0, -1]
 
     def tokens(
         self, prompt: Sequence[int], max_new: int, sampling: Sampling, adapter: str | None

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from zoo_ort.errors import ZooError
 from zoo_ort.generate.adapters import convert_adapter
 from zoo_ort.generate.engines import Engine, GenaiEngine, OnnxEngine, Sampling
@@ -115,6 +117,27 @@ class TextGenerator:
                 f"{self.info.context_length} tokens, prompt and output together"
             )
         return ids
+
+    def choose(
+        self, prompt: str | Messages, choices: Sequence[str], chat: bool | None = None
+    ) -> list[tuple[str, float]]:
+        """The ``choices`` ranked by the probability of their first token after ``prompt``,
+        normalised over the choices: how zoo-ort scores a classification task (its label words),
+        asked of the generation model."""
+        ids = self.prompt_ids(prompt, chat)
+        firsts = []
+        for choice in choices:
+            tokens = self.codec.tokenizer.encode(choice, add_special_tokens=False).ids
+            if not tokens:
+                raise ZooError(f"choice {choice!r} has no tokens")
+            firsts.append(tokens[0])
+        if len(set(firsts)) < len(firsts):
+            raise ZooError("two choices start with the same token; make their first words differ")
+        logits = np.asarray(self.engine.next_logits(ids, self.active), np.float64)[firsts]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        ranked = sorted(zip(choices, probs.tolist(), strict=True), key=lambda c: -c[1])
+        return [(c, float(p)) for c, p in ranked]
 
     def generate_ids(
         self, prompt: str | Messages | Sequence[int], config: GenerationConfig | None = None
