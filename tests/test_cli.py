@@ -285,3 +285,12 @@ def _wait_for(path: Path, timeout: float = 300.0) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def test_export_shows_timed_stages_and_no_third_party_warnings(tiny_model_dir, tmp_path: Path):
+    res = zoo("export", tiny_model_dir("llama"), "--out", tmp_path / "b", "--rank", "2")
+    assert res.returncode == 0, res.stderr
+    stages = [ln for ln in res.stderr.splitlines() if ln.strip().startswith("[")]
+    assert len(stages) >= 3 and all(" s] " in ln for ln in stages), res.stderr
+    assert "Warning" not in res.stderr and "warn" not in res.stderr.lower(), res.stderr
+    assert (tmp_path / "b" / "manifest.json").is_file()
