@@ -227,3 +227,22 @@ def test_without_ray_workers_are_a_one_line_error_naming_the_extra(tiny_bundle, 
         res.stdout.strip() == "--workers needs Ray, an optional extra: pip install 'zoo-ort[ray]'"
     )
     assert not (tmp_path / "config.toml").exists()  # refused before anything was written
+
+
+def test_a_query_share_replies_with_group_means_only():
+    """By query a worker owns whole groups: it sends their means (q-sized, not B-sized), and
+    the driver's scalars from them equal the single process's scalars from all row losses."""
+    from zoo_ort.scale.shares import reply
+    from zoo_ort.zo.estimators import scalars_from_losses, scalars_from_means
+    from zoo_ort.zo.rows import group_losses
+
+    rng = np.random.default_rng(0)
+    q, bsz = 3, 5
+    losses = rng.random(2 * q * bsz) * 3
+    means = reply(losses, "query", bsz)
+    assert means.shape == (2 * q,)
+    np.testing.assert_array_equal(reply(losses, "example", bsz), losses)
+    whole = scalars_from_losses(losses, "batched", q, bsz, 1e-2)
+    parts = scalars_from_means(means, True, "batched", q, 1e-2)
+    np.testing.assert_array_equal(whole["g"], parts["g"])
+    np.testing.assert_array_equal(means, group_losses(losses, bsz))

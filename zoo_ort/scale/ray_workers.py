@@ -116,7 +116,7 @@ class WorkerPool:
             for w, r in enumerate(replies)
             if r[0] is not None
         ]
-        res = combine(parts, settings, batch.size)
+        res = combine(parts, settings, batch.size, self.share)
         if self._pending is not None:
             self._history.append(self._pending)
         self._pending, self._next = (res.g, res.finite, res.curv), step + 1

@@ -4,11 +4,11 @@ Both ways of sharing come from the row layout (:mod:`zoo_ort.zo.rows`): ``"query
 worker ``w`` every group of the queries ``i ≡ w (mod N)`` on the whole minibatch (the
 unperturbed group of FZOO and HiZOO counts as query ``q``); ``"example"`` gives every worker all
 groups on its contiguous slice of the minibatch's examples. A worker returns the float64 losses
-of its rows; the driver writes them into the one array the single process would have built and
-calls :func:`~zoo_ort.zo.estimators.scalars_from_losses` once, so the scalars are the single
-process's bit for bit provided each row's loss does not depend on which other rows share its
-forward. That holds for :class:`~zoo_ort.engine.ort.OrtEngine` on the CPU EP (tested on the tiny
-bundle in ``tests/test_ray_workers.py``), and is the assumption this module rests on.
+of its rows (by query: the means of its whole groups, ``q``-sized); the driver writes them into
+the one array the single process would have built and computes the scalars once, so they are
+the single process's bit for bit provided each row's loss does not depend on which other rows
+share its forward. That holds for :class:`~zoo_ort.engine.ort.OrtEngine` on the CPU EP (tested
+on the tiny bundle in ``tests/test_ray_workers.py``), and is the assumption this module rests on.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from zoo_ort.engine.protocol import Engine, LabeledBatch
 from zoo_ort.errors import ZooError
 from zoo_ort.settings import Settings
 from zoo_ort.zo import hizoo
-from zoo_ort.zo.estimators import QueryResult, scalars_from_losses
+from zoo_ort.zo.estimators import QueryResult, scalars_from_losses, scalars_from_means
 from zoo_ort.zo.losses import row_losses
-from zoo_ort.zo.rows import groups, perturbed_lora_at, row_slices
+from zoo_ort.zo.rows import group_losses, groups, perturbed_lora_at, row_slices
 
 SHARES = ("query", "example")
 
@@ -98,20 +98,36 @@ def hizoo_scale(settings: Settings, est_state: Mapping[str, np.ndarray]) -> dict
     return hizoo.inv_sqrt(est_state) if settings.estimator == "hizoo" else None
 
 
+def reply(losses: np.ndarray, share: str, bsz: int) -> np.ndarray:
+    """What a worker sends for its rows' losses. Sharing by query, a worker owns whole groups,
+    and a group's mean is all the scalars need: ``q``-sized replies (float64 means, computed
+    exactly as the single process computes them). Sharing by example, a group is split across
+    workers and its mean must be summed in the single process's order: the row losses go."""
+    return group_losses(losses, bsz) if share == "query" else losses
+
+
 def combine(
-    parts: Sequence[tuple[np.ndarray, np.ndarray]], settings: Settings, bsz: int
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], settings: Settings, bsz: int, share: str
 ) -> QueryResult:
-    """The step's :class:`QueryResult` from ``(rows, losses)`` of every share: the single
-    process's losses array, then its scalars, rows and forward count."""
+    """The step's :class:`QueryResult` from ``(rows, reply)`` of every share: the single
+    process's group means (by query) or row losses (by example), then its scalars, rows and
+    forward count."""
     s = settings
-    n_rows = len(groups(s.estimator, s.queries)) * bsz
-    losses = np.empty(n_rows, dtype=np.float64)
-    seen = np.zeros(n_rows, dtype=np.int64)
+    n_groups = len(groups(s.estimator, s.queries))
+    n_rows = n_groups * bsz
+    size = n_groups if share == "query" else n_rows
+    values = np.empty(size, dtype=np.float64)
+    seen = np.zeros(size, dtype=np.int64)
     for rows, part in parts:
-        losses[rows] = part
-        seen[rows] += 1
+        at = rows[::bsz] // bsz if share == "query" else rows
+        values[at] = part
+        seen[at] += 1
     if not (seen == 1).all():
         raise ZooError("the workers' shares do not cover the step's rows exactly once")
-    fields = scalars_from_losses(losses, s.estimator, s.queries, bsz, s.eps)
+    if share == "query":
+        finite = bool(np.isfinite(values).all())
+        fields = scalars_from_means(values, finite, s.estimator, s.queries, s.eps)
+    else:
+        fields = scalars_from_losses(values, s.estimator, s.queries, bsz, s.eps)
     forwards = len(row_slices(n_rows, bsz, s.estimator, s.row_budget or None))
     return QueryResult(**fields, rows=n_rows, forwards=forwards)

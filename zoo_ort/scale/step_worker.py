@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 
 from zoo_ort.errors import ZooError
-from zoo_ort.scale.shares import hizoo_scale, score_rows, share_rows
+from zoo_ort.scale.shares import hizoo_scale, reply, score_rows, share_rows
 from zoo_ort.settings import Settings
 from zoo_ort.zo.step import TrainState, advance, init_state
 
@@ -89,4 +89,5 @@ class StepWorker:
             )
             if fault == "nan":
                 losses[0] = np.nan
+            losses = reply(losses, self.share[2], batch.size)
         return losses, tag, time.perf_counter() - t0

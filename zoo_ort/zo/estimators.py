@@ -139,21 +139,29 @@ def evaluate_queries(
 def scalars_from_losses(losses: np.ndarray, mode: str, q: int, bsz: int, eps: float) -> dict:
     """The QueryResult fields that come from the row losses, for ``mode``'s layout."""
     finite = bool(np.isfinite(losses).all())
+    return scalars_from_means(group_losses(losses, bsz), finite, mode, q, eps)
+
+
+def scalars_from_means(per: np.ndarray, finite: bool, mode: str, q: int, eps: float) -> dict:
+    """The QueryResult fields from the mean loss of each group of the layout (``finite``: all
+    row losses were finite). Everything a step's scalars need is in these few numbers, which is
+    why a worker scoring whole groups sends only their means."""
+    per = np.asarray(per, dtype=np.float64)
     if mode == "fzoo":
-        per = group_losses(losses, bsz)
         plus, zero = per[:q], float(per[q])
         g, std = fzoo_scalars(plus, zero)
         finite = finite and bool(np.isfinite(g).all())
         return dict(
             g=g, loss_plus=plus, loss_minus=np.empty(0), finite=finite, loss_zero=zero, std=std
         )
-    pairs = losses[: q * 2 * bsz]
-    plus, minus = pair_losses(pairs, q, bsz)
-    g = projected_grads(pairs, q, bsz, eps)
+    pairs = per[: 2 * q].reshape(q, 2)
+    plus, minus = pairs[:, 0].copy(), pairs[:, 1].copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        g = (plus - minus) / (2.0 * float(eps))
     finite = finite and bool(np.isfinite(g).all())
     out = dict(g=g, loss_plus=plus, loss_minus=minus, finite=finite)
     if mode == "hizoo":
-        zero = float(group_losses(losses[q * 2 * bsz :], bsz)[0])
+        zero = float(per[2 * q])
         curv = curvatures(plus, minus, zero, eps)
         finite = finite and bool(np.isfinite(curv).all())
         out |= dict(loss_zero=zero, curv=curv, finite=finite)
