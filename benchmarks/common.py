@@ -53,6 +53,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features integer and vector kernels depend on (machines differ between sessions).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _total_ram_mb() -> float | None:
     try:
         m = re.search(r"MemTotal:\s+(\d+)\s+kB", Path("/proc/meminfo").read_text())
@@ -86,6 +101,7 @@ def machine_info() -> dict[str, Any]:
             versions[pkg] = None
     return {
         "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "ram_total_mb": _total_ram_mb(),

@@ -469,8 +469,10 @@ def _scored_alike_text(d: dict[str, Any], dev_rows: int | None) -> str:
 def machine_line(m: dict[str, Any]) -> str:
     v = m.get("versions", {})
     ram = m.get("ram_total_mb")
+    flags = m.get("cpu_flags")  # results from before flags were recorded have none
+    shown = "" if flags is None else f" ({' '.join(flags) or 'no AVX2/AVX-512/VNNI'})"
     return (
-        f"{m.get('cpu_model')}, {m.get('cpu_count')} cores"
+        f"{m.get('cpu_model')}, {m.get('cpu_count')} cores{shown}"
         f"{f', {ram / 1024:.0f} GiB RAM' if ram else ''}, {m.get('os')}; Python {m.get('python')}, "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val)
     )
