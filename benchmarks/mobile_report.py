@@ -3,7 +3,7 @@
     python benchmarks/mobile_report.py BUNDLE_OR_ONNX [...] [--json out.json]
 
 Optionally exports first: ``--export smollm2-135m --out models/smollm2-nnapi --rows 8
---seq-len 64 [--targets K] [--target nnapi]`` (several minutes for SmolLM2 on 2 cores).
+--seq-len 64 [--static-slots K] [--npu nnapi]`` (several minutes for SmolLM2 on 2 cores).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="bundle folder for --export")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--targets", type=int)
-    parser.add_argument("--target", default="nnapi")
+    parser.add_argument("--static-slots", type=int)
+    parser.add_argument("--npu", default="nnapi")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -37,8 +37,8 @@ def main() -> None:
             args.out,
             rows=args.rows,
             seq_len=args.seq_len,
-            targets=args.targets,
-            target=args.target or None,
+            targets=args.static_slots,
+            target=args.npu or None,
             overwrite=True,
         )
         print(f"exported {args.export} to {args.out} in {time.perf_counter() - start:.0f} s")
