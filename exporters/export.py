@@ -33,12 +33,30 @@ from zoo_ort.bundle import (
     TensorSpec,
     write_manifest,
 )
+from zoo_ort.bundle.manifest import TRUNK_INPUTS, TrunkSpec, head_inputs, hidden_spec
 from zoo_ort.errors import ZooError
 from zoo_ort.io import save_tensors
 
 from .architectures import Architecture, architecture
-from .graph import OPSET, ScoringModel, Shapes, export_graph, forget_last_graph
-from .lora import MODES, find_sites, initial_tensors, lora_sites, wrap_sites
+from .graph import (
+    OPSET,
+    HeadModel,
+    ScoringModel,
+    Shapes,
+    TrunkModel,
+    export_graph,
+    forget_last_graph,
+    layers_cut,
+)
+from .lora import (
+    MODES,
+    decoder_layers,
+    find_sites,
+    initial_tensors,
+    lora_sites,
+    sites_in_layers,
+    wrap_sites,
+)
 from .mobile import (
     export_npu_graph,
     finish_target,
@@ -49,7 +67,8 @@ from .quantize import quantize_int8
 from .sources import load_config, load_model, load_tokenizer, meta_model, resolve
 from .tokenizer import write_tokenizer
 
-GRAPH_FILE = "model.onnx"
+GRAPH_FILE = "model.onnx"  # the one graph, or the head of a two-graph bundle
+TRUNK_FILE = "trunk.onnx"
 ADAPTER_INIT = "adapter_init.safetensors"
 TARGETS_KNOWN = ("nnapi", "qnn", "coreml")
 QUANTIZE_KNOWN = ("int8",)
@@ -79,6 +98,8 @@ def export_bundle(
     progress: Progress | None = None,
     targets: int | None = None,
     candidates: int | None = None,
+    lora_layers: tuple[int, int] | None = None,
+    split: bool = True,
 ) -> Path:
     """Export ``model`` (recipe name, hub id, model folder or .gguf file) as a bundle at ``out``.
 
@@ -88,11 +109,18 @@ def export_bundle(
     fix N and T (static shapes, for NPUs); then the number of target slots K defaults to T
     (``targets``) and the number of candidates C to the recipe's ``[static] candidates`` (else 2).
     ``quantize="int8"`` stores the base weights as int8, weight-only (LoRA stays fp32).
-    ``target`` (an NPU family) is recorded in the manifest. Returns ``out``.
+    ``target`` (an NPU family) is recorded in the manifest.
+    ``lora_layers=(start, stop)`` puts LoRA on the target modules of decoder layers
+    ``[start, stop)`` only; the layers below then do not depend on the adapter, and with ``split``
+    (the default) the bundle carries two graphs: ``trunk.onnx`` (tokens -> hidden states entering
+    layer ``start``) and the head (``model.onnx``: those hidden states + LoRA -> the outputs),
+    which the engine runs once per distinct example and once per row respectively.
+    ``split=False`` keeps one graph with the same LoRA sites. Returns ``out``.
     """
     say = progress or (lambda _message: None)
     out = Path(out).expanduser()
     _check_options(rank, mode, rows, seq_len, quantize, target, targets, candidates)
+    layers = _check_layers(lora_layers, split, rows, target)
     _check_out(out, overwrite)
 
     source = resolve(model)
@@ -109,7 +137,15 @@ def export_bundle(
             f"{arch.model_type} needs masks or soft-capping the NPU graph does not build yet"
         )
     chosen = list(target_modules or lora_recipe.get("target_modules") or arch.default_targets)
-    sites = find_sites(meta_model(config), chosen)
+    skeleton = meta_model(config)
+    sites = find_sites(skeleton, chosen)
+    stack = None
+    if layers is not None:
+        num_layers = int(config.num_hidden_layers)
+        stack = decoder_layers(skeleton, num_layers)
+        sites = sites_in_layers(sites, stack, layers, num_layers)
+    del skeleton
+    two_graphs = layers is not None and split
     shapes = _shapes(config, recipe, rows, seq_len, targets, candidates)
     tokenizer = load_tokenizer(source)
 
@@ -121,15 +157,33 @@ def export_bundle(
         tokenizer_info = write_tokenizer(tokenizer, config, stage)
         init = initial_tensors(sites, rank, seed)
         specs = lora_sites(sites, rank, mode)
-        say(f"exporting the graph ({len(sites)} LoRA sites, mode {mode}, rank {rank})")
+        what = "the graph" if not two_graphs else f"the trunk and the head (layers {layers[0]}+)"
+        say(f"exporting {what} ({len(sites)} LoRA sites, mode {mode}, rank {rank})")
         fp32_dir = stage / "fp32" if quantize else stage
         fp32_dir.mkdir(exist_ok=True)
-        _export(hf_model, arch, sites, specs, init, rank, alpha, shapes, config, fp32_dir, target)
+        # The two graphs meet at the lowest LoRA layer: (the layer stack's path, its index).
+        split_at = (stack, layers[0]) if two_graphs and stack and layers else None
+        _export(
+            hf_model,
+            arch,
+            sites,
+            specs,
+            init,
+            rank,
+            alpha,
+            shapes,
+            config,
+            fp32_dir,
+            split_at,
+            target,
+        )
         _release_weights(hf_model)
         del hf_model
+        graphs = [GRAPH_FILE, TRUNK_FILE] if two_graphs else [GRAPH_FILE]
         if quantize == "int8":
             say("quantizing base weights to int8")
-            quantize_int8(fp32_dir / GRAPH_FILE, stage / GRAPH_FILE)
+            for file in graphs:
+                quantize_int8(fp32_dir / file, stage / file)
             shutil.rmtree(fp32_dir)
         graph_info = _graph_info(stage, quantize, target)
         if target is not None:  # NPU graph: host-built inputs, and model.ort for NNAPI
@@ -148,15 +202,21 @@ def export_bundle(
                 target_modules=chosen,
                 fan_in_fan_out=arch.fan_in_fan_out,
                 sites=specs,
+                layers=None if layers is None else list(layers),
             ),
-            inputs=_input_specs(specs, shapes, target),
+            inputs=_input_specs(
+                specs, shapes, target, int(config.hidden_size) if two_graphs else None
+            ),
             outputs=[_static_spec(s, shapes) for s in OUTPUTS],
             tokenizer=tokenizer_info,
             adapter_init=ADAPTER_INIT,
             static=None if shapes.dynamic else _static_dims(shapes),
             defaults=dict(recipe.get("train", {})),  # zoo_ort.settings owns the rest
+            trunk=_trunk_spec(stage, layers, int(config.hidden_size)) if two_graphs else None,
         )
-        _check_graph_io(stage / GRAPH_FILE, manifest)
+        _check_graph_io(stage / GRAPH_FILE, manifest.inputs, manifest.outputs)
+        if manifest.trunk is not None:
+            _check_graph_io(stage / TRUNK_FILE, manifest.trunk.inputs, manifest.trunk.outputs)
         write_manifest(stage, manifest)
     say(f"bundle written to {out}")
     return out
@@ -198,6 +258,31 @@ def _check_options(
         raise ZooError(f"target {target} needs static shapes; give rows and seq_len")
     if target is not None and quantize is not None:
         raise ZooError(f"target {target} sets its own precision; drop quantize={quantize!r}")
+
+
+def _check_layers(
+    lora_layers: tuple[int, int] | None, split: bool, rows: int | None, target: str | None
+) -> tuple[int, int] | None:
+    """What can be said of ``lora_layers`` before the model is read (the range against the
+    model's depth is checked once its config is known)."""
+    if lora_layers is None:
+        return None
+    try:
+        start, stop = (int(i) for i in lora_layers)
+    except (TypeError, ValueError):
+        raise ZooError(
+            f"lora_layers must be two layer indices (start, stop), got {lora_layers!r}"
+        ) from None
+    if not 0 <= start < stop:
+        raise ZooError(f"lora_layers {start}:{stop} is not a range of layers (0 <= start < stop)")
+    if split and start == 0:
+        raise ZooError(
+            f"lora_layers {start}:{stop} starts at layer 0: no layer lies below the LoRA to form "
+            "a trunk; start higher, or export one graph (split=False)"
+        )
+    if split and (rows is not None or target is not None):
+        raise ZooError("a trunk + head bundle has dynamic shapes only; drop rows/seq_len/target")
+    return start, stop
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -250,8 +335,11 @@ def _export(
     shapes: Shapes,
     config: Any,
     folder: Path,
+    split_at: tuple[str, int] | None,
     target: str | None = None,
 ) -> None:
+    """Export the graph(s) into ``folder``: one, or with ``split_at`` (the layer stack's path and
+    the lowest LoRA layer) the trunk below that layer and the head from it up."""
     context = wrap_sites(hf_model, sites, alpha / rank)
     if target is not None:
         scoring = make_npu_scoring(hf_model, arch, context, shapes.seq_len).eval()
@@ -280,14 +368,37 @@ def _export(
                     scoring, example, names, shapes, config.vocab_size, folder / GRAPH_FILE
                 )
                 return
+            if split_at is None:
+                export_graph(
+                    scoring, example, names, per_row, shapes, config.vocab_size, folder / GRAPH_FILE
+                )
+                return
+            stack, start = split_at
+            hidden = int(config.hidden_size)
+            trunk = TrunkModel(scoring, hf_model.get_submodule(f"{stack}.{start - 1}")).eval()
+            with layers_cut(hf_model, stack, start):
+                export_graph(
+                    trunk,
+                    [],
+                    [],
+                    [],
+                    shapes,
+                    config.vocab_size,
+                    folder / TRUNK_FILE,
+                    inputs=TRUNK_INPUTS,
+                    outputs=[hidden_spec(hidden)],
+                )
+            head = HeadModel(scoring, hf_model.get_submodule(f"{stack}.{start}")).eval()
             export_graph(
-                scoring,
+                head,
                 example,
                 names,
                 per_row,
                 shapes,
                 config.vocab_size,
                 folder / GRAPH_FILE,
+                inputs=head_inputs(hidden),
+                hidden_size=hidden,
             )
         finally:
             registration.setLevel(level)
@@ -354,8 +465,13 @@ def _static_dims(shapes: Shapes) -> dict[str, int]:
     }
 
 
-def _input_specs(specs: list, shapes: Shapes, target: str | None = None) -> list[TensorSpec]:
-    inputs = list(NPU_INPUTS if target is not None else TOKEN_INPUTS)
+def _input_specs(
+    specs: list, shapes: Shapes, target: str | None = None, hidden: int | None = None
+) -> list[TensorSpec]:
+    if hidden is not None:  # the head of a two-graph bundle
+        inputs = head_inputs(hidden)
+    else:
+        inputs = list(NPU_INPUTS if target is not None else TOKEN_INPUTS)
     for site in specs:
         for which, tensor in (("A", site.A), ("B", site.B)):
             shape: list[int | str] = [ROWS, *tensor.shape] if tensor.per_row else list(tensor.shape)
@@ -365,11 +481,23 @@ def _input_specs(specs: list, shapes: Shapes, target: str | None = None) -> list
     return [_static_spec(s, shapes) for s in inputs]
 
 
-def _check_graph_io(path: Path, manifest: Manifest) -> None:
+def _trunk_spec(stage: Path, layers: tuple[int, int] | None, hidden: int) -> TrunkSpec:
+    assert layers is not None
+    data = stage / f"{TRUNK_FILE}.data"
+    return TrunkSpec(
+        file=TRUNK_FILE,
+        external_data=data.name if data.is_file() else None,
+        layers=list(layers),
+        inputs=list(TRUNK_INPUTS),
+        outputs=[hidden_spec(hidden)],
+    )
+
+
+def _check_graph_io(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
     """The graph's inputs and outputs must be exactly the manifest's, in order (a bug otherwise)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     got = [i.name for i in graph.input], [o.name for o in graph.output]
-    want = [s.name for s in manifest.inputs], [s.name for s in manifest.outputs]
+    want = [s.name for s in inputs], [s.name for s in outputs]
     if got != want:
         raise RuntimeError(f"exported graph I/O {got} differs from the manifest's {want}")
 

@@ -12,8 +12,9 @@ optimum is not used: optimum-onnx pins transformers<4.58 and knows nothing of pe
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS
+from zoo_ort.bundle import OUTPUTS, TOKEN_INPUTS, TensorSpec
+from zoo_ort.bundle.manifest import HIDDEN
 
 from .architectures import Architecture
 from .lora import LoraContext
@@ -58,12 +60,27 @@ class ScoringModel(nn.Module):
         *lora: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._context.tensors = [(lora[i], lora[i + 1]) for i in range(0, len(lora), 2)]
+        hidden = self.backbone_hidden(attention_mask, input_ids=input_ids)
+        return self.score(hidden, target_pos, target_ids, target_mask, candidate_ids)
+
+    def backbone_hidden(self, attention_mask: torch.Tensor, **embeds: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states; ``embeds`` is ``input_ids=`` or ``inputs_embeds=``."""
         # Positions count real tokens only, so left and right padding score identically.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         mask = attention_mask if self.token_mask else self._masks(attention_mask, position_ids)
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        return self.backbone(
+            **embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
+
+    def score(
+        self,
+        hidden: torch.Tensor,
+        target_pos: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss and candidate log-probabilities from the final hidden states."""
         index = target_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         logits = self.lm_head(torch.gather(hidden, 1, index)).float()  # [N, K, V]
         if self.softcap is not None:
@@ -94,6 +111,95 @@ class ScoringModel(nn.Module):
             for kind, window in self.windows.items()
         }
         return masks.get("", masks)
+
+
+class TrunkModel(nn.Module):
+    """Tokens -> the hidden states leaving ``last``, the layer just below the lowest LoRA layer.
+
+    Exported while the layer stack is cut to the layers up to ``last`` (:func:`layers_cut`): the
+    backbone runs its own forward (embeddings, positions, masks, whatever the family does before
+    its layers) and a hook takes ``last``'s output; the final norm after it feeds nothing and is
+    dropped. Cutting the top of the stack keeps every layer at its own index, which layer loops
+    that look up per-layer settings by position (Qwen2, Gemma 2/3: ``layer_types[i]``) rely on.
+    """
+
+    def __init__(self, scoring: ScoringModel, last: nn.Module) -> None:
+        super().__init__()
+        self.scoring = scoring
+        self.last = last
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        taken: list[torch.Tensor] = []
+
+        def take(_module: nn.Module, _args: tuple, output: Any) -> None:
+            # Decoder layers return the hidden states alone or first in a tuple, by family.
+            taken.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.last.register_forward_hook(take)
+        try:
+            self.scoring.backbone_hidden(attention_mask, input_ids=input_ids)
+        finally:
+            handle.remove()
+        if len(taken) != 1:
+            raise RuntimeError(f"the layer below the LoRA ran {len(taken)} times, not once")
+        return taken[0]
+
+
+@contextlib.contextmanager
+def layers_cut(model: nn.Module, stack: str, stop: int) -> Iterator[None]:
+    """Within the block, the decoder layer stack at ``stack`` holds only its first ``stop``
+    layers (the same module objects)."""
+    parent_name, _, name = stack.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    full = getattr(parent, name)
+    setattr(parent, name, nn.ModuleList(list(full)[:stop]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, full)
+
+
+class HeadModel(nn.Module):
+    """The trunk's hidden states + per-row LoRA -> the bundle's outputs.
+
+    The backbone runs its own forward on placeholder embeddings (zeros), so that positions,
+    rotary tables, ALiBi and masks are built exactly as in the one-graph bundle; a pre-hook on
+    ``first`` replaces that layer's input by ``hidden_states``. Everything computed from the
+    placeholder below ``first`` then feeds nothing and the exporter drops it (the head holds no
+    weights of the trunk's layers).
+    """
+
+    def __init__(self, scoring: ScoringModel, first: nn.Module) -> None:
+        super().__init__()
+        self.scoring = scoring
+        self.first = first
+        self.embed_dim = int(scoring.backbone.get_input_embeddings().embedding_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_pos: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        *lora: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scoring = self.scoring
+        scoring._context.tensors = [(lora[i], lora[i + 1]) for i in range(0, len(lora), 2)]
+
+        def inject(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (hidden_states, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden_states}
+
+        embeds = hidden_states.new_zeros(*hidden_states.shape[:2], self.embed_dim)
+        handle = self.first.register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            hidden = scoring.backbone_hidden(attention_mask, inputs_embeds=embeds)
+        finally:
+            handle.remove()
+        return scoring.score(hidden, target_pos, target_ids, target_mask, candidate_ids)
 
 
 def _additive(allowed: torch.Tensor) -> torch.Tensor:
@@ -153,25 +259,42 @@ def export_graph(
     shapes: Shapes,
     vocab_size: int,
     path: Path,
+    inputs: Sequence[TensorSpec] = TOKEN_INPUTS,
+    outputs: Sequence[TensorSpec] = OUTPUTS,
+    hidden_size: int | None = None,
 ) -> None:
-    """Export ``scoring`` to ``path``, weights in ``path``.data beside it."""
-    tokens = example_inputs(shapes, vocab_size)
+    """Export ``scoring`` to ``path``, weights in ``path``.data beside it.
+
+    ``inputs`` and ``outputs`` are the graph's non-LoRA inputs and its outputs: by default the
+    one-graph bundle's; a trunk or head (two-graph bundles) passes its own, taking example tokens
+    by name and an example ``hidden_states`` of width ``hidden_size``.
+    """
+    examples = dict(
+        zip([s.name for s in TOKEN_INPUTS], example_inputs(shapes, vocab_size), strict=True)
+    )
+    if hidden_size is not None:
+        generator = torch.Generator().manual_seed(1)
+        examples[HIDDEN] = torch.randn(
+            shapes.rows, shapes.seq_len, hidden_size, generator=generator
+        )
+    tokens = [examples[spec.name] for spec in inputs]
     dynamic_shapes = None
     if shapes.dynamic:
         dims = {name: torch.export.Dim(name, min=1, max=1 << 20) for name in ("N", "T", "K", "C")}
         token_dims = tuple(
-            {axis: dims[str(sym)] for axis, sym in enumerate(spec.shape)} for spec in TOKEN_INPUTS
+            {axis: dims[sym] for axis, sym in enumerate(spec.shape) if isinstance(sym, str)}
+            for spec in inputs
         )
         # Varargs take their dynamic shapes as one nested tuple.
         lora_dims = tuple({0: dims["N"]} if per_row else {} for per_row in lora_per_row)
-        dynamic_shapes = (*token_dims, lora_dims)
+        dynamic_shapes = (*token_dims, lora_dims) if lora_names else token_dims
     with torch.no_grad():
         torch.onnx.export(
             scoring,
             (*tokens, *lora),
             str(path),
-            input_names=[spec.name for spec in TOKEN_INPUTS] + list(lora_names),
-            output_names=[spec.name for spec in OUTPUTS],
+            input_names=[spec.name for spec in inputs] + list(lora_names),
+            output_names=[spec.name for spec in outputs],
             opset_version=OPSET,
             dynamic_shapes=dynamic_shapes,
             dynamo=True,

@@ -138,3 +138,52 @@ def initial_tensors(sites: list[Site], rank: int, seed: int) -> dict[str, np.nda
         tensors[a_name] = weight.T.contiguous().numpy()
         tensors[b_name] = np.zeros((rank, site.out_features), dtype=np.float32)
     return tensors
+
+
+def decoder_layers(model: nn.Module, num_layers: int) -> str:
+    """The path of the model's stack of decoder layers: the ``ModuleList`` of ``num_layers``
+    modules (``model.layers``, ``transformer.h``, ``model.decoder.layers``, ...).
+
+    Discovered rather than listed per family, like everything in ``architectures``; works on a
+    meta-device model.
+    """
+    stacks = [
+        name
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    if len(stacks) != 1:
+        found = ", ".join(stacks) or "none"
+        raise ZooError(
+            f"cannot tell the decoder layers apart: {found} hold {num_layers} modules; "
+            "restricting LoRA to a range of layers is not available for this model"
+        )
+    return stacks[0]
+
+
+def layer_of(module: str, stack: str) -> int | None:
+    """The index of the decoder layer holding ``module`` (a path), None if outside the stack."""
+    if not module.startswith(f"{stack}."):
+        return None
+    head = module[len(stack) + 1 :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def sites_in_layers(
+    sites: list[Site], stack: str, layers: tuple[int, int], num_layers: int
+) -> list[Site]:
+    """The sites inside decoder layers ``[start, stop)``; a ZooError for an impossible range or
+    for a target outside the layer stack (a range would silently drop it)."""
+    start, stop = layers
+    if not 0 <= start < stop <= num_layers:
+        raise ZooError(
+            f"lora_layers {start}:{stop} is not a range of this model's layers "
+            f"(0 <= start < stop <= {num_layers})"
+        )
+    outside = sorted({s.module for s in sites if layer_of(s.module, stack) is None})
+    if outside:
+        raise ZooError(
+            f"LoRA target {outside[0]} lies outside the decoder layers ({stack}); "
+            "lora_layers applies only to modules inside them"
+        )
+    return [s for s in sites if start <= (layer_of(s.module, stack) or 0) < stop]

@@ -141,6 +141,9 @@ def test_providers_lists_cpu_usable_and_cuda_not():
         (["--task", "nope"], ["nope"]),
         (["--loss", "bogus"], ["loss"]),
         (["--steps", "0"], ["steps"]),
+        (["--time-limit", "soon"], ["time_limit"]),
+        (["--estimator", "magic"], ["estimator"]),
+        (["--trunk-cache-mb", "-1"], ["trunk_cache_mb"]),
     ],
 )
 def test_train_bad_input(tiny_bundle: Path, tmp_path: Path, args: list[str], words: list[str]):
@@ -178,6 +181,11 @@ def test_export_bad_input_writes_nothing(tmp_path: Path):
     (out / "keep.txt").write_text("precious")
     assert_clean_error(zoo("export", "smollm2-135m", "--out", out), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
+    other = tmp_path / "other"
+    assert_clean_error(
+        zoo("export", "smollm2-135m", "--lora-layers", "20", "--out", other), "20:30"
+    )
+    assert not other.exists()
 
 
 # -- what a newcomer meets --------------------------------------------------------------------

@@ -97,6 +97,9 @@ class Settings:
     provider: str = _s("cpu", "Execution provider (see `zoo-ort providers`)", "engine", flag=False)
     fallback: str | None = _s(None, "Fall back to this provider (only 'cpu')", "engine", flag=False)
     threads: int | None = _s(None, "CPU threads for ONNX Runtime", "engine")
+    trunk_cache_mb: float = _s(
+        512.0, "Memory for cached trunk outputs of two-graph bundles (0: no cache)", "engine"
+    )
     provider_options: dict[str, str] = _s({}, "Resolved EP options", "engine", flag=False)
 
     def validate(self) -> Settings:
@@ -142,7 +145,7 @@ RESUME_SAFE = frozenset(
         "max_non_finite",
         "eval_batch_size",
     }
-    | {"provider", "fallback", "threads", "provider_options"}
+    | {"provider", "fallback", "threads", "provider_options", "trunk_cache_mb"}
 )
 
 
@@ -171,6 +174,7 @@ def _problems(s: Settings) -> list[str]:
         (s.max_non_finite >= 0, "max_non_finite must be >= 0"),
         (s.max_length >= 2, "max_length must be >= 2"),
         (s.threads is None or s.threads >= 1, "threads must be >= 1"),
+        (s.trunk_cache_mb >= 0, "trunk_cache_mb must be >= 0 (0: no cache)"),
         (s.time_limit is None or _seconds(s.time_limit) is not None, _TIME_HELP),
     ]
     return [msg for ok, msg in checks if not ok]

@@ -93,6 +93,8 @@ def save_peft_adapter(
         "use_dora": False,
         "init_lora_weights": True,
     }
+    if lo.layers is not None:  # LoRA on a layer range (a trunk + head bundle): peft wraps only it
+        config["layers_to_transform"] = list(range(lo.layers[0], lo.layers[1]))
     meta = {
         "format": ADAPTER_FORMAT,
         "format_version": 1,

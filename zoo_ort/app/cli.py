@@ -112,6 +112,13 @@ def export(
     static_candidates: Annotated[
         int | None, Opt(help="Candidate tokens C [2]", rich_help_panel=STATIC)
     ] = None,
+    lora_layers: Annotated[
+        str | None,
+        Opt(help="LoRA only on decoder layers START:STOP; the layers below become a trunk graph"),
+    ] = None,
+    one_graph: Annotated[
+        bool, Opt("--one-graph", help="With --lora-layers: keep one graph (no trunk)")
+    ] = False,
 ) -> None:
     """Export a causal LM to an ONNX bundle with per-row LoRA inputs and a per-row loss."""
     with third_party_quiet():
@@ -145,8 +152,19 @@ def export(
             overwrite=overwrite,
             seed=seed,
             progress=stage,
+            lora_layers=_layer_range(lora_layers),
+            split=not one_graph,
         )
     out.print(f"bundle written to [bold]{escape(str(path))}[/bold]")
+
+
+def _layer_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, sep, stop = text.partition(":")
+    if not sep or not start.strip().lstrip("-").isdigit() or not stop.strip().isdigit():
+        raise ZooError(f"--lora-layers takes START:STOP, e.g. 20:30 (got {text!r})")
+    return int(start), int(stop)
 
 
 @contextlib.contextmanager

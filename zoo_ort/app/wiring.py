@@ -149,17 +149,28 @@ def prepare(
     if train and s.loss == "candidates" and train_data.is_lm:
         raise ZooError("loss 'candidates' needs classification data; use --loss lm for LM data")
     if engine is None:
-        from zoo_ort.engine.ort import OrtEngine
-
-        engine = OrtEngine(
-            bundle,
-            provider=s.provider,
-            provider_options=s.provider_options,
-            fallback=s.fallback,
-            threads=s.threads,
-        )
+        engine = _ort_engine(s, bundle)
     params, frozen = split_lora(bundle, bundle.initial_lora())
     return Prepared(s, bundle, engine, params, frozen, train_data, dev_data)
+
+
+def _ort_engine(s: Settings, bundle: Bundle) -> Engine:
+    """``OrtEngine``, or ``TrunkEngine`` for a trunk + head bundle (its cache checked first)."""
+    from zoo_ort.engine.ort import OrtEngine
+
+    options = dict(
+        provider=s.provider,
+        provider_options=s.provider_options,
+        fallback=s.fallback,
+        threads=s.threads,
+    )
+    if bundle.manifest.trunk is None:
+        return OrtEngine(bundle, **options)
+    from zoo_ort.engine.trunk import TrunkEngine, check_cache_budget
+
+    rows = max(s.batch_size, s.eval_batch_size)
+    check_cache_budget(bundle.manifest, s.trunk_cache_mb, rows, s.max_length)
+    return TrunkEngine(bundle, trunk_cache_mb=s.trunk_cache_mb, **options)
 
 
 def _split_data(s: Settings, bundle: Bundle, split: str, limit: int | None = None) -> Any:

@@ -7,6 +7,13 @@ A bundle is a folder::
     tokenizer.json           loadable by ``tokenizers.Tokenizer.from_file`` alone
     adapter_init.safetensors the initial LoRA tensors by graph input name, without the row dim
 
+A bundle exported with LoRA on a range of layers above the first (``lora_layers``) splits the
+model in two: ``trunk.onnx`` (tokens -> the hidden states entering the first LoRA layer, the same
+for every LoRA row) and the graph above, the *head* (those hidden states + per-row LoRA -> loss,
+candidate_logprobs), which then takes ``hidden_states`` in place of ``input_ids``.
+:attr:`Manifest.trunk` describes the trunk; the head is ``graph``/``inputs``/``outputs`` as in a
+one-graph bundle. Bundles without the field read as before.
+
 Reading needs the standard library and numpy only; nothing here knows torch or onnxruntime.
 """
 
@@ -64,10 +71,24 @@ class LoraSpec:
     target_modules: list[str]
     fan_in_fan_out: bool  # PEFT's flag (True for GPT-2's Conv1D)
     sites: list[LoraSite]
+    # [start, stop): the decoder layers carrying LoRA, when export restricted them; None: the
+    # target modules in every layer (bundles from before the option read as None).
+    layers: list[int] | None = None
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """The graph below the LoRA layers: run once per distinct example, shared by all its rows."""
+
+    file: str  # "trunk.onnx"
+    external_data: str | None  # "trunk.onnx.data" or None
+    layers: list[int]  # [start, stop) of the LoRA layers; the trunk runs layers [0, start)
+    inputs: list[TensorSpec]  # input_ids, attention_mask
+    outputs: list[TensorSpec]  # hidden_states [N, T, hidden]: the head's input of that name
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,7 @@ class Manifest:
     adapter_init: str = "adapter_init.safetensors"
     static: dict[str, int] | None = None  # {"N": rows, "T": seq len, "K": ..., "C": ...} or None
     defaults: dict[str, Any] = field(default_factory=dict)  # training defaults from the recipe
+    trunk: TrunkSpec | None = None  # two-graph bundles only: the graph below the LoRA layers
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -131,7 +153,9 @@ class Manifest:
             target_modules=list(lo["target_modules"]),
             fan_in_fan_out=bool(lo["fan_in_fan_out"]),
             sites=sites,
+            layers=[int(i) for i in lo["layers"]] if lo.get("layers") is not None else None,
         )
+        trunk = d.get("trunk")
         return cls(
             source=dict(d["source"]),
             architecture=dict(d["architecture"]),
@@ -143,7 +167,18 @@ class Manifest:
             adapter_init=d.get("adapter_init", "adapter_init.safetensors"),
             static=d.get("static"),
             defaults=dict(d.get("defaults", {})),
+            trunk=None if trunk is None else _trunk_spec(trunk),
         )
+
+
+def _trunk_spec(d: dict[str, Any]) -> TrunkSpec:
+    return TrunkSpec(
+        file=d["file"],
+        external_data=d.get("external_data"),
+        layers=[int(i) for i in d["layers"]],
+        inputs=[TensorSpec(**t) for t in d["inputs"]],
+        outputs=[TensorSpec(**t) for t in d["outputs"]],
+    )
 
 
 # The fixed (non-LoRA) graph inputs and outputs, in order. Exporters must produce exactly these.
@@ -168,6 +203,25 @@ OUTPUTS = [
 ]
 
 
+# Two-graph bundles: the trunk's output and the head's first input.
+HIDDEN = "hidden_states"
+TRUNK_INPUTS = [s for s in TOKEN_INPUTS if s.name in ("input_ids", "attention_mask")]
+
+
+def hidden_spec(hidden_size: int) -> TensorSpec:
+    return TensorSpec(
+        HIDDEN,
+        "float32",
+        [ROWS, SEQ, int(hidden_size)],
+        "hidden states entering the first LoRA layer (the trunk's output, the head's input)",
+    )
+
+
+def head_inputs(hidden_size: int) -> list[TensorSpec]:
+    """The head's fixed inputs: the trunk's hidden states instead of the token ids."""
+    return [hidden_spec(hidden_size), *(s for s in TOKEN_INPUTS if s.name != "input_ids")]
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
@@ -176,6 +230,11 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self.path / self.manifest.graph["file"]
+
+    @property
+    def trunk_path(self) -> Path | None:
+        trunk = self.manifest.trunk
+        return None if trunk is None else self.path / trunk.file
 
     @property
     def tokenizer_path(self) -> Path:
@@ -226,7 +285,10 @@ def load_bundle(path: str | Path) -> Bundle:
     except (KeyError, TypeError, ValueError) as e:
         detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
         raise ZooError(f"{path / MANIFEST}: malformed manifest ({detail})") from None
-    for rel in (manifest.graph["file"], manifest.tokenizer["file"], manifest.adapter_init):
+    files = [manifest.graph["file"], manifest.tokenizer["file"], manifest.adapter_init]
+    if manifest.trunk is not None:
+        files.append(manifest.trunk.file)
+    for rel in files:
         if not (path / rel).is_file():
             raise ZooError(f"{path}: the manifest names {rel}, which is missing")
     return Bundle(path=path, manifest=manifest)

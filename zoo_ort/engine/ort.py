@@ -1,4 +1,4 @@
-"""``OrtEngine``: the :class:`~zoo_ort.batch.Engine` protocol over an ONNX Runtime session.
+"""``OrtEngine``: the :class:`~zoo_ort.engine.protocol.Engine` protocol over ONNX Runtime.
 
 Dynamic bundles get each batch split into up to ``length_groups`` forwards of rows of similar
 length, each cut to its own longest row (:mod:`zoo_ort.padding`); results come back in row
@@ -28,6 +28,7 @@ from zoo_ort.bundle import (
     TensorSpec,
     npu_inputs,
 )
+from zoo_ort.bundle.manifest import head_inputs
 from zoo_ort.engine.padding import length_groups, row_widths, take_trimmed
 from zoo_ort.engine.protocol import EngineOutput, TokenBatch
 from zoo_ort.engine.scratch import Scratch
@@ -89,6 +90,9 @@ def check_graph(manifest: Manifest, session: ort.InferenceSession) -> None:
     problems: list[str] = []
     declared = {t.name: t for t in manifest.inputs}
     required_inputs = TOKEN_INPUTS
+    if manifest.trunk is not None:  # the head of a two-graph bundle takes the trunk's output
+        hidden = manifest.trunk.outputs[0].shape[-1] if manifest.trunk.outputs else 0
+        required_inputs = head_inputs(int(hidden))
     if _host_scheme(manifest) is not None:
         required_inputs = [TensorSpec(name, "", []) for name in NPU_INPUT_NAMES]
     for required in required_inputs:
@@ -138,8 +142,15 @@ class _DeviceFeeds:
     for LoRA tensors and for every input of a static bundle.
     """
 
-    def __init__(self, session: ort.InferenceSession, device: str, device_id: int) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        device: str,
+        device_id: int,
+        output_names: Sequence[str] = OUTPUT_NAMES,
+    ) -> None:
         self._session = session
+        self._output_names = list(output_names)
         self._device = device
         self._device_id = device_id
         self._binding = session.io_binding()
@@ -160,7 +171,7 @@ class _DeviceFeeds:
                 )
                 self._values[name] = (value, array.dtype, array.shape)
             self._binding.bind_ortvalue_input(name, self._values[name][0])
-        for name in OUTPUT_NAMES:
+        for name in self._output_names:
             self._binding.bind_output(name, "cpu")
         self._binding.synchronize_inputs()
         self._session.run_with_iobinding(self._binding)
@@ -187,6 +198,12 @@ class OrtEngine:
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
+        if self.manifest.trunk is not None and not self._runs_trunk:
+            raise ZooError(
+                f"{bundle.path} is a trunk + head bundle (LoRA on layers "
+                f"{self.manifest.trunk.layers[0]}:{self.manifest.trunk.layers[1]}); score it with "
+                "zoo_ort.engine.trunk.TrunkEngine"
+            )
         spec = get_spec(provider)
         self.session = make_session(
             bundle.model_path,
@@ -217,6 +234,9 @@ class OrtEngine:
         self.length_groups = max(1, int(length_groups))
         self.group_call_cost = GROUP_CALL_COST
         self._scratch = Scratch()  # the groups' LoRA rows, rewritten by every forward
+
+    # Subclasses that feed the head of a two-graph bundle (TrunkEngine) say so.
+    _runs_trunk = False
 
     @property
     def active_providers(self) -> list[str]:
@@ -263,8 +283,8 @@ class OrtEngine:
             if self._lora[name].per_row and len(groups) > 1
         }
         parts, start = [], 0
-        for rows in groups:
-            feeds = self._token_feeds(take_trimmed(batch, rows, widths))
+        for index, rows in enumerate(groups):
+            feeds = self._group_feeds(batch, rows, widths, index)
             stop = start + len(rows)
             for name, array in lora_feeds.items():
                 if name in gathered:
@@ -276,6 +296,12 @@ class OrtEngine:
         return parts
 
     # -- feeds ---------------------------------------------------------------------------------
+    def _group_feeds(
+        self, batch: TokenBatch, rows: np.ndarray, widths: np.ndarray, index: int
+    ) -> dict[str, np.ndarray]:
+        """The token feeds of length group ``index`` (rows ``rows``, cut to their widest)."""
+        return self._token_feeds(take_trimmed(batch, rows, widths))
+
     @staticmethod
     def _check_tokens(batch: TokenBatch) -> None:
         n = batch.rows
