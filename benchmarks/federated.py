@@ -19,11 +19,14 @@ The smoke run (tiny random model, shipped sentiment set; minutes on two cores)::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from zoo_ort.io import atomic_write_bytes, atomic_write_text
 
 TRAIN_FLAGS = ("lr", "eps", "batch_size", "queries", "eval_rows", "max_length", "seed")
 
@@ -58,15 +61,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_round = a.per_round or a.clients
     a.out.mkdir(parents=True, exist_ok=True)
     flags = {k: getattr(a, k) for k in TRAIN_FLAGS} | {"data": a.data, "task": a.task}
+    from benchmarks.common import machine_info
+
     results: dict[str, Any] = {"config": {k: str(v) for k, v in vars(a).items()}, "runs": {}}
+    results["machine"] = machine_info()  # CPU model and flags with every result
     for alpha in a.alphas:
         results["runs"][f"fed-a{alpha:g}"] = _federated(a, bundle, flags, alpha, per_round)
     central_steps = a.rounds * per_round * a.local_steps  # the clients' steps, all together
     every = max(per_round * a.local_steps * a.eval_every, 1)
     results["runs"]["central"] = _central(a, bundle, flags, central_steps, every)
-    (a.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    atomic_write_text(a.out / "results.json", json.dumps(results, indent=1, default=str))
     table = _table(results)
-    (a.out / "table.md").write_text(table)
+    atomic_write_text(a.out / "table.md", table)
     _plot(results, a.out / "federated.png")
     print(table)
     return results
@@ -166,7 +172,9 @@ def _plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
     plt.close(fig)
 
 
