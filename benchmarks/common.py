@@ -352,3 +352,30 @@ if __name__ == "__main__":
     parser.add_argument("result_json")
     ns = parser.parse_args()
     _child_main(ns.args_json, ns.result_json)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the federation scripts
+
+
+def add_train_flags(ap: Any) -> None:
+    """The training settings a federation script passes through to zoo-ort (None: not given)."""
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--eps", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--queries", type=int, default=None)
+    ap.add_argument("--eval-rows", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+
+
+def tiny_llama_bundle(prefix: str) -> Path:
+    """A bundle of a tiny random Llama in a new temporary folder (smoke runs of the scripts)."""
+    import tempfile
+
+    from zoo_ort.exporters import export_bundle
+    from zoo_ort.exporters.tiny import make_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    src = make_tiny_model("llama", root / "src")
+    return export_bundle(str(src), root / "bundle", rank=4, mode="fa", seed=0)

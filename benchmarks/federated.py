@@ -22,10 +22,10 @@ import argparse
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import add_train_flags, tiny_llama_bundle
 from zoo_ort.io import atomic_write_bytes, atomic_write_text
 
 TRAIN_FLAGS = ("lr", "eps", "batch_size", "queries", "eval_rows", "max_length", "seed")
@@ -42,20 +42,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 100.0])
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--eps", type=float, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--queries", type=int, default=None)
-    ap.add_argument("--eval-rows", type=int, default=None)
-    ap.add_argument("--max-length", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=None)
+    add_train_flags(ap)
     ap.add_argument("--eval-every", type=int, default=1, help="rounds between evaluations")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    bundle = _tiny_bundle() if a.tiny else a.bundle
+    bundle = tiny_llama_bundle("zoo-fed-tiny-") if a.tiny else a.bundle
     if bundle is None:
         ap.error("--bundle or --tiny")
     per_round = a.per_round or a.clients
@@ -176,15 +170,6 @@ def _plot(results: dict, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
     plt.close(fig)
-
-
-def _tiny_bundle() -> Path:
-    from zoo_ort.exporters import export_bundle
-    from zoo_ort.exporters.tiny import make_tiny_model
-
-    root = Path(tempfile.mkdtemp(prefix="zoo-fed-tiny-"))
-    src = make_tiny_model("llama", root / "src")
-    return export_bundle(str(src), root / "bundle", rank=4, mode="fa", seed=0)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import add_train_flags, tiny_llama_bundle
+
 TRAIN_FLAGS = ("lr", "eps", "batch_size", "queries", "eval_rows", "max_length", "seed")
 
 
@@ -35,13 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=1)
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--eps", type=float, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--queries", type=int, default=None)
-    ap.add_argument("--eval-rows", type=int, default=None)
-    ap.add_argument("--max-length", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=None)
+    add_train_flags(ap)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
     ap.add_argument("--keep-home", action="store_true", help="keep FLWR_HOME and the logs")
     ap.add_argument("--out", type=Path, required=True, help="the server's run folder")
@@ -50,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault(k, v)
     from zoo_ort.scale.fl_deploy import run_local
 
-    bundle = _tiny_bundle(a.out.parent) if a.tiny else a.bundle
+    bundle = tiny_llama_bundle("zoo-fl-deploy-tiny-") if a.tiny else a.bundle
     if bundle is None:
         ap.error("--bundle or --tiny")
     settings = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k) is not None}
@@ -81,17 +77,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps(summary, indent=1))
     return res
-
-
-def _tiny_bundle(near: Path) -> Path:
-    import tempfile
-
-    from zoo_ort.exporters import export_bundle
-    from zoo_ort.exporters.tiny import make_tiny_model
-
-    root = Path(tempfile.mkdtemp(prefix="zoo-fl-deploy-tiny-"))
-    src = make_tiny_model("llama", root / "src")
-    return export_bundle(str(src), root / "bundle", rank=4, mode="fa", seed=0)
 
 
 if __name__ == "__main__":
