@@ -68,13 +68,11 @@ def perturbed_lora(
     for name, v in params.items():
         shape = (stop - start, *np.shape(v))
         out[name] = np.empty(shape, np.float32) if scratch is None else scratch.get(name, shape)
-    z, z_query = None, None  # one query's directions alive at a time (its groups are adjacent)
-    for k in range(start // group, (stop - 1) // group + 1):
-        i, sign = layout[k]
-        lo, hi = max(k * group, start) - start, min((k + 1) * group, stop) - start
-        if i is not None and i != z_query:
-            z, z_query = _direction(params, run_seed, step, i, DRAW[mode], scale), i
-        _fill(out, params, None if i is None else z, sign, eps32, lo, hi)
+    spans = [
+        (k, max(k * group, start) - start, min((k + 1) * group, stop) - start)
+        for k in range(start // group, (stop - 1) // group + 1)
+    ]
+    _fill_groups(out, params, layout, spans, (run_seed, step, mode, scale), eps32)
     return _with_frozen(out, frozen)
 
 
@@ -105,15 +103,30 @@ def perturbed_lora_at(
     eps32 = np.float32(eps)
     out = {name: np.empty((rows.size, *np.shape(v)), np.float32) for name, v in params.items()}
     cuts = np.searchsorted(rows, np.arange(len(layout) + 1) * batch_size)
+    spans = [
+        (k, int(cuts[k]), int(cuts[k + 1])) for k in range(len(layout)) if cuts[k] < cuts[k + 1]
+    ]
+    _fill_groups(out, params, layout, spans, (run_seed, step, mode, scale), eps32)
+    return _with_frozen(out, frozen)
+
+
+def _fill_groups(
+    out: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
+    layout: list,
+    spans: list[tuple[int, int, int]],
+    draw: tuple,
+    eps32: np.float32,
+) -> None:
+    """For each ``(group k, lo, hi)``, rows ``lo:hi`` of ``out`` get group ``k``'s weights.
+    One query's directions are alive at a time (a query's groups are adjacent in the layout)."""
+    run_seed, step, mode, scale = draw
     z, z_query = None, None
-    for k, (i, sign) in enumerate(layout):
-        lo, hi = int(cuts[k]), int(cuts[k + 1])
-        if lo == hi:
-            continue
+    for k, lo, hi in spans:
+        i, sign = layout[k]
         if i is not None and i != z_query:
             z, z_query = _direction(params, run_seed, step, i, DRAW[mode], scale), i
         _fill(out, params, None if i is None else z, sign, eps32, lo, hi)
-    return _with_frozen(out, frozen)
 
 
 def _fill(
