@@ -302,3 +302,14 @@ def test_export_shows_timed_stages_and_no_third_party_warnings(tiny_model_dir, t
     assert len(stages) >= 3 and all(" s] " in ln for ln in stages), res.stderr
     assert "Warning" not in res.stderr and "warn" not in res.stderr.lower(), res.stderr
     assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_federate_runs_a_tiny_federation_quietly(tiny_bundle: Path, tmp_path: Path):
+    pytest.importorskip("flwr")
+    out = tmp_path / "fed"
+    args = ["--data", "sentiment", "--out", out, "--clients", "2", "--rounds", "1"]
+    res = zoo("federate", tiny_bundle, *args, "--num-cpus", "2", "--eval-rows", "16")
+    assert res.returncode == 0, res.stderr
+    assert "dev accuracy" in res.stdout and (out / "final" / "adapter_config.json").is_file()
+    noise = [ln for ln in (res.stdout + res.stderr).splitlines() if "DEPRECAT" in ln.upper()]
+    assert not noise, noise  # Flower's and Ray's notices stay out of the user's terminal

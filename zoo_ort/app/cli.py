@@ -284,7 +284,8 @@ def train(
             train_with_workers, workers=workers, share=share, ray_address=ray_address
         )
     stop = _StopFlag()
-    with stop, _TrainView() as view:
+    quiet = third_party_quiet() if workers else contextlib.nullcontext()
+    with quiet, stop, _TrainView() as view:
         summary = run(resolved.settings, resume=resume, on_event=view.event, should_stop=stop)
     _print_summary(summary)
     if summary["result"].stopped and stop.requested:
@@ -380,7 +381,11 @@ def federate(
     options |= {"out": str(out_dir), "provider": provider, "fallback": fallback}
     options["provider_option"] = provider_option
     resolved = _resolve(bundle, options, config, for_training=True)
-    with err.status("federating"):
+    if not os.environ.get("ZOO_ORT_DEBUG"):
+        with contextlib.suppress(ImportError):
+            import flwr.common.logger  # noqa: F401  (Flower configures its logger on import)
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notices, not ours
+    with third_party_quiet(), err.status("federating"):
         summary = run_federation(
             resolved.settings,
             clients=clients,
@@ -621,6 +626,7 @@ def main() -> None:
     # Flower phones home unless told not to; nothing of zoo-ort's may reach the network.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray tip
     try:
         app(prog_name="zoo-ort")
     except ZooError as e:
