@@ -169,7 +169,6 @@ def train_for(
 ) -> dict[str, Any]:
     """Train ``bundle`` for ``budget_s`` seconds of wall time (the trunk's first pass and its
     cache included), then score the dev set (off the clock)."""
-    from zoo_ort.loop.train import train
 
     threads = threads or os.cpu_count() or 1
     engine = _engine(bundle, threads, cache_mb)
@@ -184,14 +183,10 @@ def train_for(
 
     with tempfile.TemporaryDirectory(prefix="trunk-bench-") as run_dir:
         start = time.perf_counter()
-        result = train(
-            p.engine,
-            p.params,
-            p.frozen,
-            p.batches(),
-            p.settings,
+        result = p.train(
             run_dir,
             evaluate=lambda _lora: {},
+            save_adapter=None,
             on_step=on_step,
             should_stop=lambda: time.perf_counter() - start >= budget_s,
         )

@@ -427,7 +427,6 @@ def zoo_train(
     eval_s}``, ``median_step_s`` over the steps after the first, ``phase_peak_rss_mb`` of the
     training phase including evaluations).
     """
-    from zoo_ort.loop.train import train
 
     p, load_s = prepare_run(
         bundle,
@@ -489,14 +488,10 @@ def zoo_train(
 
     with tempfile.TemporaryDirectory(prefix="zoo-bench-run-") as run_dir, PeakRSS() as rss:
         start = time.perf_counter()
-        result = train(
-            p.engine,
-            p.params,
-            p.frozen,
-            p.batches(),
-            p.settings,
+        result = p.train(
             run_dir,
             evaluate=evaluate,
+            save_adapter=None,
             on_step=on_step,
             should_stop=should_stop,
         )

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zoo_ort.loop.metrics import plot, read_metrics
+from zoo_ort.loop.metrics import plot
 from zoo_ort.loop.train import BEST_DIR, FINAL_DIR, TrainResult
 from zoo_ort.settings import Settings
 
 
-def summary_lines(s: Settings, result: TrainResult, run_dir: Path, wall_s: float) -> list[str]:
+def summary_lines(
+    s: Settings, result: TrainResult, run_dir: Path, evals: list[dict[str, Any]], wall_s: float
+) -> list[str]:
+    """``evals``: the run's evaluations, ``{"step", **metrics}`` in order."""
     lines = [f"run folder: {run_dir}"]
     if result.already_finished:
         lines.append(
@@ -25,7 +28,6 @@ def summary_lines(s: Settings, result: TrainResult, run_dir: Path, wall_s: float
     elif result.stopped:
         lines.append(f"stopped at step {result.step}; continue with the same command and --resume")
     metric = s.best[0]
-    evals = [{"step": r["step"], **r["eval"]} for r in read_metrics(run_dir) if r.get("eval")]
     if evals and metric in evals[0] and metric in evals[-1]:
         first, last = evals[0], evals[-1]
         best = (

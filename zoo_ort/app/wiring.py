@@ -99,9 +99,10 @@ class Prepared:
 
     def train(self, run_dir: str | Path, **options: Any) -> Any:
         """:func:`zoo_ort.loop.train.train` on these pieces: its data order, dev evaluation and
-        adapter files (``options``: resume, on_step, should_stop, fingerprint)."""
+        adapter files, unless ``options`` (any of ``train``'s keywords) say otherwise."""
         from zoo_ort.loop.train import train
 
+        own = {"evaluate": self.evaluate, "save_adapter": adapter_saver(self.bundle)}
         return train(
             self.engine,
             self.params,
@@ -109,9 +110,7 @@ class Prepared:
             self.batches(),
             self.settings,
             run_dir,
-            evaluate=self.evaluate,
-            save_adapter=adapter_saver(self.bundle),
-            **options,
+            **(own | options),
         )
 
     def evaluate(self, lora: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -274,8 +273,9 @@ def train_run(
         save_toml(run_dir / "config.toml", saved_settings(settings), comment=comment)
     from zoo_ort.app.summary import summary_lines
 
-    lines = summary_lines(settings, result, run_dir, time.perf_counter() - started)
-    return {"result": result, "evals": _evals(run_dir), "lines": lines, **extra}
+    evals = _evals(run_dir)
+    lines = summary_lines(settings, result, run_dir, evals, time.perf_counter() - started)
+    return {"result": result, "evals": evals, "lines": lines, **extra}
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:

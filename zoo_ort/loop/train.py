@@ -168,9 +168,7 @@ def train(
             if state.best_params is not None:
                 save_adapter(state.best_params, state.frozen, run_dir / BEST_DIR)
     resumed = ckpt.step if ckpt is not None else None
-    result = _result(state, run_dir, history, stopped, resumed)
-    result.timed_out = timed_out
-    return result
+    return _result(state, run_dir, history, stopped, resumed, timed_out=timed_out)
 
 
 def _evaluate(
@@ -210,6 +208,7 @@ def _result(
     stopped: bool,
     resumed_from: int | None,
     already_finished: bool = False,
+    timed_out: bool = False,
 ) -> TrainResult:
     return TrainResult(
         params=state.params,
@@ -224,4 +223,5 @@ def _result(
         history=history,
         resumed_from=resumed_from,
         already_finished=already_finished,
+        timed_out=timed_out,
     )
