@@ -2,6 +2,7 @@
 
     python -m benchmarks.run            # SmolLM2-135M on SST-2, about 95 minutes on 2 cores
     python -m benchmarks.run --quick    # a tiny random model, a minute or two (CI)
+    python -m benchmarks.run --tta sst2 --part zoo   # time to accuracy, see time_to_accuracy.py
 
 Every contender runs in its own process (its peak RSS is its own), all with every core
 (ORT intra-op threads = torch threads = ``os.cpu_count()``), on the same model, data, prompt,
@@ -308,7 +309,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="re-render the tables and plots of an earlier results.json (runs nothing)",
     )
+    p.add_argument(
+        "--tta",
+        choices=("sst2", "rte"),
+        default=None,
+        help="time to accuracy on this task (benchmarks/time_to_accuracy.py), one --part a call",
+    )
+    p.add_argument("--part", choices=("zoo", "torch"), default="zoo", help="with --tta")
+    p.add_argument(
+        "--tta-report", action="store_true", help="re-render the time-to-accuracy report"
+    )
     a = p.parse_args(argv)
+    if a.tta or a.tta_report:
+        from benchmarks import time_to_accuracy as tta
+
+        out = Path(a.out or REPO_ROOT / "benchmarks" / "results" / "tta")
+        budget = a.budget if a.budget is not None else FULL.budget_s
+        if a.quick:
+            budget = a.budget if a.budget is not None else 1.0
+        return tta.main(a.tta, a.part, a.bundle_fp32, Path(a.cache), budget, out, quick=a.quick)
 
     plan = QUICK if a.quick else FULL
     changes: dict[str, Any] = {}

@@ -8,7 +8,7 @@ the same prompt-classification task, in plain PyTorch eager on the CPU:
   averaged (as P-RGE does), forwards under ``torch.inference_mode``.
 * :func:`first_order_torch` -- backprop + AdamW on lora_B only.
 
-Task: SST-2, prompt ``Review: {sentence}\\nSentiment (positive or negative):``, label words
+Task: SST-2, prompt ``Movie review: {sentence}\\nThe sentiment of this review is``, label words
 " negative"/" positive" (first token of each); loss = cross-entropy over the two candidate
 logits at the last prompt token (MeZO's candidate loss); right padding.
 
@@ -53,7 +53,7 @@ from benchmarks.common import (
 )
 from zoo_ort.tasks.sampler import batch_indices, epoch_permutation
 
-TEMPLATE = "Review: {sentence}\nSentiment (positive or negative):"
+TEMPLATE = "Movie review: {sentence}\nThe sentiment of this review is"  # zoo-ort's sst2 task
 CANDIDATES = (" negative", " positive")  # index = SST-2 label
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -223,10 +223,13 @@ class PromptData:
         return self.batch([self.train_ids[i] for i in idx], self.train_labels[idx])
 
     def dev_batches(self, rows: int, size: int) -> Iterator[Batch]:
-        rows = min(rows, len(self.dev_ids))
+        """The first ``rows`` dev rows (0: all) in batches of ``size``, shortest first: sums over
+        rows do not depend on their order, and rows of like length waste less on padding."""
+        rows = min(rows or len(self.dev_ids), len(self.dev_ids))
+        order = sorted(range(rows), key=lambda i: len(self.dev_ids[i]))
         for lo in range(0, rows, size):
-            hi = min(lo + size, rows)
-            yield self.batch(self.dev_ids[lo:hi], self.dev_labels[lo:hi])
+            idx = order[lo : lo + size]
+            yield self.batch([self.dev_ids[i] for i in idx], self.dev_labels[idx])
 
 
 @functools.lru_cache(maxsize=4)  # a permutation of every training row, drawn once per epoch
@@ -274,6 +277,45 @@ def load_prompt_data(
         dev_labels=dev_labels,
         candidate_ids=candidate_token_ids(tokenizer),
         pad_id=int(pad),
+    )
+
+
+def load_task_data(
+    bundle: str,
+    task: dict[str, Any],
+    *,
+    dev_split: str = "dev",
+    train_limit: int | None = None,
+    max_len: int = 256,
+) -> PromptData:
+    """A zoo-ort task's train and ``dev_split`` rows as :class:`PromptData`, tokenised by zoo-ort
+    itself with ``bundle``'s tokenizer, so every side trains and scores the same ids by
+    construction. ``task``: ``data`` (a split folder) and ``task``, optionally ``template`` and
+    ``verbalizer``, as in zoo-ort's settings."""
+    from zoo_ort.bundle import load_bundle
+    from zoo_ort.tasks.dataset import load_task_data as zoo_task_data
+    from zoo_ort.tasks.encode import TextEncoder
+    from zoo_ort.tasks.spec import build_task
+
+    spec = build_task(
+        task["task"], template=task.get("template"), verbalizer=task.get("verbalizer")
+    )
+    encoder = TextEncoder.from_bundle(load_bundle(bundle))
+
+    def split(name: str, limit: int | None) -> tuple[list[np.ndarray], np.ndarray, Any]:
+        d = zoo_task_data(task["data"], name, spec, encoder, max_length=max_len, limit=limit)
+        ids = [np.asarray(d.example(i), np.int32) for i in range(len(d))]
+        return ids, np.asarray(d.labels, np.int64), d
+
+    train_ids, train_labels, train = split("train", train_limit)
+    dev_ids, dev_labels, _ = split(dev_split, None)
+    return PromptData(
+        train_ids=train_ids,
+        train_labels=train_labels,
+        dev_ids=dev_ids,
+        dev_labels=dev_labels,
+        candidate_ids=tuple(int(c) for c in train.candidates),
+        pad_id=int(train.pad_id),
     )
 
 
@@ -462,8 +504,8 @@ class _Run:
     """What both trainers share: the schedule (``steps`` of ``B`` rows from ``seed``, stopped
     early once ``train_s`` reaches ``time_budget_s``), step timing and the dev-accuracy curve,
     taken at step 0, every ``eval_every`` steps (0: start and end only), whenever ``train_s``
-    passes another multiple of ``eval_every_s`` and at the end; evaluation time is excluded
-    from ``train_s``."""
+    passes another multiple of ``eval_every_s`` or a point of ``eval_at_s``, and at the end;
+    evaluation time is excluded from ``train_s``."""
 
     def __init__(
         self,
@@ -477,14 +519,16 @@ class _Run:
         dev_rows: int = 300,
         time_budget_s: float | None = None,
         eval_every_s: float | None = None,
+        eval_at_s: Sequence[float] = (),
     ) -> None:
         self.model, self.data = model, data
         self.steps, self.B, self.seed = steps, B, seed
         self.eval_every, self.dev_rows = eval_every, dev_rows
         self.time_budget_s, self.eval_every_s = time_budget_s, eval_every_s
         self.config = dict(steps=steps, B=B, seed=seed, eval_every=eval_every, dev_rows=dev_rows)
-        self.config.update(eval_every_s=eval_every_s)
+        self.config.update(eval_every_s=eval_every_s, eval_at_s=list(eval_at_s))
         self.next_eval_s = eval_every_s or 0.0
+        self.grid = sorted(eval_at_s)  # training seconds still to score at
         self.start = time.perf_counter()
         self.train_s = 0.0
         self.step_times: list[float] = []
@@ -526,6 +570,9 @@ class _Run:
             due = True
             while self.next_eval_s <= self.train_s:
                 self.next_eval_s += self.eval_every_s
+        if self.grid and self.train_s >= self.grid[0]:
+            due = True
+            self.grid = [t for t in self.grid if t > self.train_s]
         if due:
             self.eval(step + 1)
 
@@ -682,6 +729,8 @@ def run_baseline(
     max_len: int = 128,
     tiny_arch: str = "llama",
     directions: str = "torch",
+    task: dict[str, Any] | None = None,
+    dev_split: str = "dev",
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Load ``model`` ("tiny", "smollm2" or a local HF model folder), wrap it in LoRA-FA and run
@@ -691,9 +740,10 @@ def run_baseline(
     "forward" (:func:`forward_only_torch`, on the LoRA-wrapped model); ``trainer_kwargs`` go to
     it. ``bundle``: a zoo-ort bundle folder whose initial LoRA tensors (A included) replace
     peft's, so both sides start from the same adapter. ``directions`` (MeZO only): "torch"
-    (:func:`torch_directions`) or "zoo" (:func:`zoo_directions`, needs ``bundle``). Adds
-    ``model``, ``load_s`` and the training phase's peak RSS (``phase_peak_rss_mb``) to the
-    trainer's result.
+    (:func:`torch_directions`) or "zoo" (:func:`zoo_directions`, needs ``bundle``). ``task``:
+    a zoo-ort task (:func:`load_task_data`, needs ``bundle``) scored on its ``dev_split``
+    instead of SST-2 with :data:`TEMPLATE`. Adds ``model``, ``load_s`` and the training phase's
+    peak RSS (``phase_peak_rss_mb``) to the trainer's result.
     """
     trainers = {"mezo": mezo_torch, "first_order": first_order_torch, "forward": forward_only_torch}
     if which not in trainers:
@@ -717,7 +767,14 @@ def run_baseline(
         if not bundle:
             raise ValueError("directions='zoo' needs the bundle whose directions to use")
         trainer_kwargs["perturb"] = zoo_directions(net, bundle, trainer_kwargs.get("seed", seed))
-    data = load_prompt_data(tokenizer, train_limit=train_limit, max_len=max_len)
+    if task is not None:
+        if not bundle:
+            raise ValueError("task= needs the bundle whose tokenizer encodes it")
+        data = load_task_data(
+            bundle, task, dev_split=dev_split, train_limit=train_limit, max_len=max_len
+        )
+    else:
+        data = load_prompt_data(tokenizer, train_limit=train_limit, max_len=max_len)
     load_s = time.perf_counter() - t0
     if which != "forward":
         trainer_kwargs.setdefault("seed", seed)
@@ -727,7 +784,7 @@ def run_baseline(
     if which == "mezo":
         result["config"]["directions"] = directions
     digests = {
-        "dev_tokens_sha": ids_digest(data.dev_ids[: trainer_kwargs.get("dev_rows", 300)]),
+        "dev_tokens_sha": ids_digest(data.dev_ids[: trainer_kwargs.get("dev_rows", 300) or None]),
         "train_tokens_sha": ids_digest(data.train_ids),
     }
     return {

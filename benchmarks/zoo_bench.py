@@ -211,25 +211,26 @@ def run_settings(
     seed: int = 0,
     threads: int | None = None,
     dev_rows: int = 0,
+    task: dict[str, Any] | None = None,
     **values: Any,
 ) -> Settings:
     """The :class:`~zoo_ort.settings.Settings` of a contender: SST-2 with zoo-ort's ``sst2``
     task and MeZO's candidate loss, P-RGE batched with ``q`` directions over ``B`` examples,
     every core (as the baselines use), no checkpoints between steps, the first ``dev_rows`` dev
     rows scored in passes of 2·q·B rows (a training forward's size, so that memory compares);
-    ``values`` are any other settings (steps, lr, ...).
+    ``task``: another task (``data``, ``task``, optionally ``template``, ``verbalizer``);
+    ``values`` are any other settings (steps, lr, estimator, ...).
 
     Built from the defaults, not the bundle's recipe, so that the settings the report states are
     the ones that ran (e.g. the same ``max_length`` as the PyTorch side's).
     """
     from zoo_ort.settings import settings
 
+    values = {"estimator": "batched", **values}
     return settings(
         bundle=str(bundle),
-        data=str(DATA_DIR / "sst2"),
-        task="sst2",
+        **(task or {"data": str(DATA_DIR / "sst2"), "task": "sst2"}),
         loss="candidates",
-        estimator="batched",
         queries=q,
         batch_size=B,
         eps=eps,
@@ -242,13 +243,34 @@ def run_settings(
     )
 
 
-def prepare_run(bundle: str, train_limit: int | None, **settings: Any) -> tuple[Prepared, float]:
-    """``prepare(run_settings(bundle, **settings))`` (first ``train_limit`` training rows) and
-    the seconds it took."""
+# The settings that shape a run's training, recorded with its result.
+RECORDED_SETTINGS = (
+    "task",
+    "template",
+    "verbalizer",
+    "estimator",
+    "queries",
+    "batch_size",
+    "lr",
+    "eps",
+    "optimizer",
+    "momentum",
+    "schedule",
+    "warmup",
+    "steps",
+    "seed",
+)
+
+
+def prepare_run(
+    bundle: str, train_limit: int | None, split: str = "dev", **settings: Any
+) -> tuple[Prepared, float]:
+    """``prepare(run_settings(bundle, **settings))`` (first ``train_limit`` training rows, the
+    evaluation ``split``) and the seconds it took."""
     from zoo_ort.app.wiring import prepare
 
     t0 = time.perf_counter()
-    p = prepare(run_settings(bundle, **settings), train_limit=train_limit)
+    p = prepare(run_settings(bundle, **settings), train_limit=train_limit, split=split)
     return p, time.perf_counter() - t0
 
 
@@ -262,7 +284,9 @@ def _describe(p: Prepared, load_s: float, dev_rows: int) -> dict[str, Any]:
         "threads": p.settings.threads,
         "load_s": load_s,
         "train_rows": len(train),
-        "dev_tokens_sha": ids_digest(dev.example(i) for i in range(min(dev_rows, len(dev)))),
+        "dev_tokens_sha": ids_digest(
+            dev.example(i) for i in range(min(dev_rows or len(dev), len(dev)))
+        ),
         "train_tokens_sha": ids_digest(train.example(i) for i in range(len(train))),
     }
 
@@ -412,38 +436,44 @@ def zoo_train(
     threads: int | None = None,
     train_limit: int | None = None,
     optimizer: str = "sgd",
+    eval_at_s: Sequence[float] = (),
+    task: dict[str, Any] | None = None,
+    dev_split: str = "dev",
+    values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train with :func:`zoo_ort.loop.train.train` until ``steps`` or ``time_budget_s`` of
-    training.
+    training; ``task``, ``dev_split`` and ``values`` (more settings: estimator, schedule, ...)
+    as in :func:`run_settings`.
 
     The dev set is scored at the start, every ``eval_every`` steps, whenever the training clock
-    passes another multiple of ``eval_every_s`` and at the end, in batches of 2·q·B rows (the
-    training forward's size, so that the phase's peak RSS compares with inference on those
-    rows). ``train()`` is asked for an evaluation after every step on the time grid; the
-    callback keeps the parameters and ``on_step`` scores them once the step's recorded time is
-    on the clock and a grid point is due. Evaluations are off the clock either way. The result
-    has the PyTorch trainers' shape (``step_times_s``, ``train_loss``, ``projected_grads`` (the
-    g of every step), ``curve`` of ``{step, train_s, wall_s, dev_acc, dev_loss, dev_rows,
-    eval_s}``, ``median_step_s`` over the steps after the first, ``phase_peak_rss_mb`` of the
-    training phase including evaluations).
+    passes another multiple of ``eval_every_s`` or a point of ``eval_at_s``, and at the end, in
+    batches of 2·q·B rows (the training forward's size, so that the phase's peak RSS compares
+    with inference on those rows). ``train()`` is asked for an evaluation after every step on
+    the time grid; the callback keeps the parameters and ``on_step`` scores them once the step's
+    recorded time is on the clock and a grid point is due. Evaluations are off the clock either
+    way. The result has the PyTorch trainers' shape (``step_times_s``, ``train_loss``,
+    ``projected_grads`` (the g of every step), ``curve`` of ``{step, train_s, wall_s, dev_acc,
+    dev_loss, dev_rows, eval_s}``, ``median_step_s`` over the steps after the first,
+    ``phase_peak_rss_mb`` of the training phase including evaluations).
     """
 
     p, load_s = prepare_run(
         bundle,
         train_limit,
+        dev_split,
         q=q,
         B=B,
         eps=eps,
         seed=seed,
         threads=threads,
         dev_rows=dev_rows,
-        steps=steps,
-        lr=lr,
-        optimizer=optimizer,
-        eval_every=1 if eval_every_s else eval_every,
+        task=task,
+        **{"steps": steps, "lr": lr, "optimizer": optimizer, **(values or {})},
+        eval_every=1 if eval_every_s or eval_at_s else eval_every,
         eval_at_start=True,
     )
     clock = {"train_s": 0.0, "next_eval_s": eval_every_s or 0.0}
+    grid = sorted(eval_at_s)  # training seconds still to score at
     last: dict[str, float] = {}
     curve: list[dict[str, Any]] = []
     latest: dict[str, dict[str, np.ndarray]] = {}
@@ -473,11 +503,15 @@ def zoo_train(
         step_times.append(record["step_time"])
         losses.append(record["loss"])
         projected.append(record["g"])
-        if eval_every_s:
-            if clock["train_s"] < clock["next_eval_s"]:
+        clock["rows"] = record["rows"]
+        if eval_every_s or grid:
+            due_every = bool(eval_every_s) and clock["train_s"] >= clock["next_eval_s"]
+            due_grid = bool(grid) and clock["train_s"] >= grid[0]
+            if not (due_every or due_grid):
                 return
-            while clock["next_eval_s"] <= clock["train_s"]:
+            while eval_every_s and clock["next_eval_s"] <= clock["train_s"]:
                 clock["next_eval_s"] += eval_every_s
+            grid[:] = [t for t in grid if t > clock["train_s"]]
         elif "eval" not in record:
             return
         score(latest.pop("lora"), record["step"])
@@ -500,7 +534,7 @@ def zoo_train(
             score({**p.frozen, **result.params}, done)
         wall_s = time.perf_counter() - start
     median = _median_after_warmup(step_times)
-    rows_per_step = 2 * q * B
+    rows_per_step = clock.get("rows", 2 * q * B)  # fzoo: (q + 1)·B
     return {
         "method": "zoo_ort",
         **_describe(p, load_s, dev_rows),
@@ -513,6 +547,9 @@ def zoo_train(
             "optimizer": optimizer,
             "eval_every": eval_every,
             "eval_every_s": eval_every_s,
+            "eval_at_s": list(eval_at_s),
+            "dev_split": dev_split,
+            "settings": {k: getattr(p.settings, k) for k in RECORDED_SETTINGS},
             "dev_rows": dev_rows,
             "time_budget_s": time_budget_s,
             "rank": RANK,

@@ -30,6 +30,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not
 CORPUS = [
     "Review: a good film, well acted and never dull.",
     "Sentiment (positive or negative): positive negative positive negative",
+    "Movie review: The sentiment of this review is positive",
     "Question: is it true or false? Answer: True False Yes No",
     "the plot is thin but the music is great and the cast is good",
     "a bad, bad movie; the worst thing i have seen this year",
@@ -302,7 +303,7 @@ def test_truncation_when_the_template_alone_is_too_long(tmp_path, enc):
     write(tmp_path / "train.tsv", "sentence\tlabel\nfine\t1\n")
     data = load_task_data(tmp_path, "train", build_task("sst2"), enc, max_length=5)
     ids = data.example(0).tolist()
-    assert ids == enc.encode("Review: \nSentiment (positive or negative):")[-5:]
+    assert ids == enc.encode("Movie review: \nThe sentiment of this review is")[-5:]
 
 
 # -- LM data --------------------------------------------------------------------------------------

@@ -84,8 +84,8 @@ class Settings:
     )
     time_limit: str | None = _s(
         None,
-        "Stop after this much training time (e.g. 90s, 10m, 1.5h): final eval, adapters, "
-        "checkpoint; --resume continues",
+        "Stop after this much training time (e.g. 90s, 10m, 1.5h; evaluations not counted): "
+        "final eval, adapters, checkpoint; --resume continues",
         "train",
     )
     # -- run

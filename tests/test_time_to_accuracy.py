@@ -1,0 +1,102 @@
+"""benchmarks/time_to_accuracy.py: held-back rows, the targets' arithmetic, a tiny run end to end.
+
+No assertion is about time: hand-made curves check the report's logic, the tiny run checks that
+every contender trains on the same tokens and scores the whole dev split on its grid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks import time_to_accuracy as tta  # noqa: E402
+
+DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _write(path: Path, header: str, rows: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+
+
+def test_held_back_rows_are_never_trained_on_nor_reported(tmp_path, monkeypatch):
+    src = tmp_path / "data"
+    monkeypatch.setattr(tta, "SELECT_ROWS", {"sst2": 3, "rte": 2})
+    _write(src / "sst2" / "train.tsv", "sentence\tlabel", [f"tr{i}\t{i % 2}" for i in range(10)])
+    _write(src / "sst2" / "dev.tsv", "sentence\tlabel", [f"dv{i}\t{i % 2}" for i in range(4)])
+    _write(src / "sst2" / "test.tsv", "sentence\tlabel", [f"te{i}\t{i % 2}" for i in range(6)])
+    _write(src / "rte" / "train.tsv", "s1\ts2\tlabel", [f"a{i}\tb{i}\t{i % 2}" for i in range(8)])
+    _write(src / "rte" / "dev.tsv", "s1\ts2\tlabel", ["x\ty\t0"])
+
+    def rows(path: Path) -> list[str]:
+        return path.read_text().splitlines()[1:]
+
+    sst2 = tta.task_folder("sst2", tmp_path / "cache", src)
+    assert rows(sst2 / "select.tsv") == ["te0\t0", "te1\t1", "te2\t0"]
+    assert rows(sst2 / "train.tsv") == rows(src / "sst2" / "train.tsv")
+    assert rows(sst2 / "dev.tsv") == rows(src / "sst2" / "dev.tsv")
+    rte = tta.task_folder("rte", tmp_path / "cache", src)
+    assert rows(rte / "select.tsv") == ["a6\tb6\t0", "a7\tb7\t1"]
+    assert rows(rte / "train.tsv") == [f"a{i}\tb{i}\t{i % 2}" for i in range(6)]
+    assert not set(rows(rte / "select.tsv")) & set(rows(rte / "train.tsv"))
+
+
+def _run(points: list[tuple[float, float]], **config) -> dict:
+    curve = [{"step": i, "train_s": t, "dev_acc": a} for i, (t, a) in enumerate(points)]
+    return {"curve": curve, "steps_done": len(points) - 1, "median_step_s": 1.0, "config": config}
+
+
+def test_targets_read_the_curves():
+    zoo = _run([(0, 0.80), (60, 0.84), (120, 0.86), (600, 0.87)])
+    mezo = _run([(0, 0.80), (120, 0.81), (300, 0.84), (600, 0.83)], lr=1e-3, eps=1e-2, q=1, B=16)
+    fo = _run([(0, 0.80), (600, 0.88)], lr=1e-3, B=16)
+    runs = {"zoo_default": zoo, "mezo_torch": mezo, "first_order_torch": fo}
+    rows = {r["measure"].split(" (")[0]: r for r in tta.targets("sst2", runs)}
+    assert rows["SST-2 dev accuracy after 600 s"]["met"] == "yes"
+    # MeZO's best (84% at 300 s) is reached by zoo-ort at 60 s: 5x sooner, just.
+    sooner = rows["training s to MeZO-torch's best 600-s accuracy"]
+    assert sooner["zoo"] == "60 s" and sooner["met"] == "yes (5.0x)"
+    late = _run([(0, 0.80), (120, 0.83), (600, 0.85)])
+    rows = tta.targets("rte", {"zoo_default": late, "mezo_torch": mezo})
+    assert [r["met"] for r in rows] == ["no (0.5x)", "yes"]  # 84% first at 600 s; 85% > 83%
+    never = _run([(0, 0.80), (600, 0.82)])
+    assert tta.targets("rte", {"zoo_default": never, "mezo_torch": mezo})[0]["met"] == "no"
+    assert tta._acc_at(zoo["curve"], 100) == 0.84 and tta._acc_at(zoo["curve"], 600) == 0.87
+
+
+@pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2")
+def test_quick_parts_end_to_end(tmp_path):
+    """Both parts on the tiny model (1 s of training each), then the report from their files."""
+    out, cache = tmp_path / "tta", tmp_path / "cache"
+    for part in ("zoo", "torch"):
+        argv = ["--tta", "sst2", "--part", part, "--quick", "--out", str(out)]
+        assert bench_run.main([*argv, "--cache", str(cache)]) == 0, part
+    zoo = json.loads((out / "sst2-zoo.json").read_text())
+    torch_part = json.loads((out / "sst2-torch.json").read_text())
+    runs = {**zoo["runs"], **torch_part["runs"]}
+    assert set(runs) == {"zoo_default", "zoo_prge_before", "mezo_torch", "first_order_torch"}
+    dev_rows = len((DATA / "sst2" / "dev.tsv").read_text().splitlines()) - 1
+    for sha in ("train_tokens_sha", "dev_tokens_sha"):  # zoo-ort's encoding on every side
+        assert len({r[sha] for r in runs.values()}) == 1, sha
+    for key, r in runs.items():
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["dev_rows"] == dev_rows, key
+    assert zoo["runs"]["zoo_default"]["config"]["settings"]["lr"] == tta.recipe_training()["lr"]
+    assert set(torch_part["sweep"]) == {str(lr) for lr in tta.MEZO_LRS}
+    select_rows = tta.SELECT_ROWS["sst2"]
+    assert all(r["final"]["dev_rows"] == select_rows for r in torch_part["sweep"].values())
+    assert torch_part["mezo_lr"] in tta.MEZO_LRS
+    text = (out / "README.md").read_text()
+    assert "## SST2 (whole dev split)" in text and "MeZO-torch lr sweep" in text
+    assert "| measure | zoo-ort defaults |" in text
