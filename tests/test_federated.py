@@ -106,21 +106,39 @@ def test_aggregate_is_example_weighted_and_order_free():
     assert aggregate([a, b], first=4).g == pairs.g
 
 
+def test_distinct_seeds_give_each_client_its_block_and_replay_all_of_them():
+    from zoo_ort.scale.fl_core import aggregate_blocks, blocks
+
+    assert blocks([3, 0, 2], 10, 2, "distinct") == {0: 10, 2: 12, 3: 14}
+    assert blocks([3, 0, 2], 10, 2, "shared") == {0: 10, 2: 10, 3: 10}
+    a, b = _reply(0, [[1.0], [0.0]], examples=30), _reply(3, [[0.0], [4.0]], examples=10)
+    # Partition 2 was sampled but dropped: its block replays as zero moves. The others are
+    # scaled by M·n/N over the accepted (2·30/40 = 1.5, 2·10/40 = 0.5): an even split keeps g.
+    pairs = aggregate_blocks([b, a], first=10, partitions=[2, 3, 0], local_steps=2, queries=1)
+    assert pairs.first == 10 and pairs.curv is None
+    assert pairs.g == [[1.5], [0.0], [0.0], [0.0], [0.0], [2.0]]
+    even = [_reply(0, [[1.0]], examples=5), _reply(1, [[-2.0]], examples=5)]
+    assert aggregate_blocks(even, 0, [0, 1], 1, 1).g == [[1.0], [-2.0]]
+
+
 # -- the protocol, driven by hand on the tiny bundle ------------------------------------------
 
 
-def _federation(tiny_bundle: Path, out: Path, faults: dict[int, str] | None = None, **over):
+def _federation(
+    tiny_bundle: Path,
+    out: Path,
+    faults: dict[int, str] | None = None,
+    seeds: str = "distinct",
+    **over,
+):
     from zoo_ort.app.wiring import prepare
     from zoo_ort.scale.fl_client import FedClient
     from zoo_ort.scale.fl_server import FedConfig, fed_settings
 
-    cfg = FedConfig(clients=4, per_round=4, rounds=3, local_steps=2, alpha=0.5, **over)
+    cfg = FedConfig(clients=4, per_round=4, rounds=3, local_steps=2, alpha=0.5, seeds=seeds, **over)
     s = fed_settings(_fed_settings(tiny_bundle, out), cfg)
     clients = [
-        FedClient(
-            s, partition=p, num_partitions=4, alpha=0.5, local_steps=2, fault=(faults or {}).get(p)
-        )
-        for p in range(4)
+        FedClient(s, p, 4, 0.5, 2, fault=(faults or {}).get(p), seeds=seeds) for p in range(4)
     ]
     return s, cfg, prepare(s, train=False), clients
 
@@ -145,17 +163,25 @@ def _drive(server, clients, rounds: int, caches: dict | None = None) -> list[dic
     return records
 
 
-def test_clients_rebuild_the_servers_adapter_bit_for_bit(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("seeds", ["distinct", "shared"])
+def test_clients_rebuild_the_servers_adapter_bit_for_bit(tiny_bundle, tmp_path, seeds):
     from zoo_ort.scale.fl_core import state_digest
     from zoo_ort.scale.fl_server import FedServer
 
-    s, cfg, prep, clients = _federation(tiny_bundle, tmp_path / "a", {1: "huge", 3: "drop"})
+    faults = {1: "huge", 3: "drop"}
+    s, cfg, prep, clients = _federation(tiny_bundle, tmp_path / "a", faults, seeds)
     server = FedServer(s, cfg, tmp_path / "a", prep)
     caches: dict = {}
     records = _drive(server, clients, 3, caches)
     assert [r["accepted"] for r in records] == [[0, 2]] * 3
     assert all(set(r["rejected"]) == {"1"} and r["dropped"] == [3] for r in records)
-    assert server.state.step == 6 and len(server.history) == 6
+    steps = 3 * 2 * (4 if seeds == "distinct" else 1)  # rounds x s (x M: a block per client)
+    assert server.state.step == steps == s.steps and len(server.history) == steps
+    if seeds == "distinct":  # per round: blocks of partitions 0, 1, 2, 3; 1 and 3 move nothing
+        for r in range(3):
+            blocks = [server.history.g[8 * r + 2 * j : 8 * r + 2 * j + 2] for j in range(4)]
+            assert blocks[1] == blocks[3] == [[0.0], [0.0]]
+            assert blocks[0] != blocks[1] and blocks[2] != blocks[1]
     # Every client, from its cache or from scratch, replays the history to the same bits.
     for client in clients:
         for start in (caches.get(client.partition), None):
@@ -168,7 +194,9 @@ def test_clients_rebuild_the_servers_adapter_bit_for_bit(tiny_bundle, tmp_path):
     )
     assert moved
     # The poisoned client changed nothing: one that never answers leads to the same adapter.
-    s2, cfg2, prep2, silent = _federation(tiny_bundle, tmp_path / "b", {1: "drop", 3: "drop"})
+    s2, cfg2, prep2, silent = _federation(
+        tiny_bundle, tmp_path / "b", {1: "drop", 3: "drop"}, seeds
+    )
     clean = FedServer(s2, cfg2, tmp_path / "b", prep2)
     _drive(clean, silent, 3)
     assert state_digest(clean.state) == state_digest(server.state)
@@ -201,7 +229,7 @@ def test_resumed_server_continues_bit_identically(tiny_bundle, tmp_path):
     with pytest.raises(Exception, match="already holds a run"):
         FedServer(s2, cfg2, tmp_path / "cut", prep2)
     again = FedServer(s2, cfg2, tmp_path / "cut", prep2, resume=True)
-    assert again.round == 2 and again.state.step == 4
+    assert again.round == 2 and again.state.step == 16  # 2 rounds x 4 clients' blocks of 2
     _drive(again, clients2, 1)  # fresh caches: clients get the whole history once
     assert state_digest(again.state) == state_digest(full.state)
     assert again.history.g == full.history.g
@@ -231,7 +259,7 @@ def test_tiny_federation_in_the_simulation_engine(tiny_bundle, tmp_path):
         faults={1: "nan", 3: "drop"},
     )
     res = summary["result"]
-    assert res["finished"] and res["rounds"] == 3 and res["step"] == 6
+    assert res["finished"] and res["rounds"] == 3 and res["step"] == 24  # 3 x 4 blocks of 2
     assert set(res["rejected"]) == {"1"} and res["dropped"] == [3]
     rounds = [r for r in read_metrics(out) if r.get("kind") == "round"]
     assert [r["accepted"] for r in rounds] == [[0, 2]] * 3

@@ -79,10 +79,10 @@ def test_final_sync_and_duplicate_partitions_without_flower(tiny_bundle, tmp_pat
                 server.payload(node), caches.get(node)
             )
         server.finish_round(sampled, replies, {}, {})
-    assert server.state.step == 2
+    assert server.state.step == 4  # 2 rounds x 2 clients' blocks of 1 step (distinct seeds)
     final = state_digest(server.state)
     reply, cache = clients[0].sync(server.payload(100), caches[100])
-    assert reply["status"] == "ok" and reply["digest"] == final and cache.step == 2
+    assert reply["status"] == "ok" and reply["digest"] == final and cache.step == 4
     lost, _ = clients[1].sync(server.payload(101), None)  # its cache is gone: needs history
     assert lost["status"] == "resync"
     server.resync(101)
@@ -117,7 +117,7 @@ def test_superlink_and_two_supernodes_run_two_rounds(tiny_bundle, tmp_path):
         home=tmp_path / "flwr-home",
         keep_home=True,
     )
-    assert res["status"] == "finished:completed" and res["step"] == 2
+    assert res["status"] == "finished:completed" and res["step"] == 4
     assert [r["accepted"] for r in res["rounds"]] == [[0, 1], [0, 1]]
     # Every process started (SuperLink, SuperNodes, their SuperExecs and app processes) is gone.
     assert len(res["stopped_pids"]) >= 3

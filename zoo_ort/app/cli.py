@@ -367,6 +367,10 @@ def federate(
     round_timeout: Annotated[
         float | None, Opt(help="Seconds before a silent client is dropped", rich_help_panel=FL)
     ] = None,
+    seeds: Annotated[
+        str,
+        Opt(help="distinct: each client its own directions; shared: one set", rich_help_panel=FL),
+    ] = "distinct",
     num_cpus: Annotated[int | None, Opt(help="CPUs for the simulation", rich_help_panel=FL)] = None,
     config: ConfigOpt = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the server's last round")] = False,
@@ -397,6 +401,7 @@ def federate(
             outlier_factor=outlier_factor,
             eval_every=eval_every_rounds,
             round_timeout=round_timeout,
+            seeds=seeds,
             resume=resume,
             num_cpus=num_cpus,
         )

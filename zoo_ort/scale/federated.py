@@ -41,6 +41,7 @@ def federate(
     outlier_factor: float = 10.0,
     eval_every: int = 1,
     round_timeout: float | None = None,
+    seeds: str = "distinct",
     resume: bool = False,
     num_cpus: int | None = None,
     faults: Mapping[int, str] | None = None,
@@ -73,6 +74,7 @@ def federate(
         outlier_factor=outlier_factor,
         eval_every=eval_every,
         round_timeout=round_timeout,
+        seeds=seeds,
     ).validate()
     if not settings.out:
         raise ZooError("no run folder: pass --out RUN")
@@ -97,6 +99,7 @@ def federate(
             num_partitions=int(context.node_config["num-partitions"]),
             alpha=alpha,
             local_steps=local_steps,
+            seeds=seeds,
             fault=faults.get(part),
         )
 
@@ -177,7 +180,8 @@ def summarise(run_dir: Path, s: Settings, cfg: Any, seconds: float) -> dict[str,
     last = evals[-1].get(name) if evals else None
     lines = [
         f"federated {len(rounds)} rounds x {cfg.local_steps} local steps over "
-        f"{cfg.clients} clients ({cfg.per_round} per round, Dirichlet α={cfg.alpha})",
+        f"{cfg.clients} clients ({cfg.per_round} per round, {cfg.seeds} seeds, "
+        f"Dirichlet α={cfg.alpha})",
         f"dev {name}: {last}" if last is not None else "no evaluation",
         f"bytes per client per round: up {result['bytes_up_per_client_round']}, down "
         f"{result['bytes_down_per_client_round']} (largest round mean)",

@@ -60,6 +60,7 @@ class FedClient:
     local_steps: int
     engine: Any = None
     fault: str | None = None
+    seeds: str = "distinct"  # must match the server's (it is in the fingerprint)
 
     def __post_init__(self) -> None:
         from zoo_ort.app.wiring import prepare
@@ -84,6 +85,7 @@ class FedClient:
             manifest_sha256(p.bundle),
             tensors_digest(p.params, p.frozen),
             self.local_steps,
+            self.seeds,
         )
         seed = client_seed(self.settings.seed, self.partition)
         self.batches = make_batch_fn(train, self.settings.batch_size, seed)
@@ -119,8 +121,15 @@ class FedClient:
         if digest != payload["digest"]:
             # Our cache is not the server's history (a restart of either side): start over.
             return base | {"status": "resync", "have": -1}, None
+        # Local steps from the global state, at this client's block of step indices: its own
+        # directions (distinct seeds) or the round's shared ones.
+        block = int(payload.get("block", state.step))
         gs, curv, loss, rows = local_steps(
-            self.engine, state, self.batches, self.settings, int(payload["local_steps"])
+            self.engine,
+            replace(state, step=block),
+            self.batches,
+            self.settings,
+            int(payload["local_steps"]),
         )
         gs = self._poison(gs)
         reply = base | {

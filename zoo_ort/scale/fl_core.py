@@ -3,16 +3,24 @@
 The global adapter is defined by the sequence of aggregated step scalars: global step ``t``
 replays ``g_t`` (``q`` float64 values, plus HiZOO's curvatures) along the directions of
 ``SeedSequence([seed, t, i])`` through :func:`zoo_ort.zo.step.apply_scalars`, so a client that
-holds the pairs rebuilds the server's adapter bit for bit. A round (DeComFL-style shared seeds):
+holds the pairs rebuilds the server's adapter bit for bit. A round:
 
-1. the server names the round's global step ``t``, sends each sampled client the pairs it has
-   not seen yet and the digest of the global adapter at ``t``;
+1. the server names the round's global step ``t`` and gives each of the ``M`` sampled clients a
+   block of step indices: with **distinct** seeds (the default, FedKSeed-style) client ``j`` (in
+   partition order) gets ``t + j·s .. t + j·s + s - 1``; with **shared** seeds (DeComFL-style)
+   every client gets ``t .. t + s - 1``. It sends each the pairs it has not seen yet and the
+   digest of the global adapter at ``t``;
 2. the client replays them (its cached global state at an earlier step, else the bundle's
    initial adapter), checks the digest, then runs ``s`` ordinary ``zo_step`` s from that state on
-   its own shard, at steps ``t .. t+s-1`` (so with the round's shared seeds), and returns only
-   its ``s`` scalar vectors and its example count;
-3. the server screens the replies (:func:`screen`), averages the scalars weighted by examples in
-   client order (:func:`aggregate`) and replays the ``s`` averaged steps (:func:`replay`).
+   its own shard, at its block's step indices (so along its block's directions), and returns
+   only its ``s`` scalar vectors and its example count;
+3. the server screens the replies (:func:`screen`). Shared seeds: it averages the scalars
+   weighted by examples in client order (:func:`aggregate`) and replays ``s`` steps. Distinct
+   seeds: it replays all ``M·s`` steps, client ``j``'s scaled by ``M·n_j/N`` (examples
+   ``n_j`` of ``N`` accepted, so an even split scales by 1), and a dropped or rejected client's
+   block as zero moves (:func:`aggregate_blocks`). Distinct seeds move the adapter along
+   ``M·s`` directions a round instead of ``s``: at equal forward passes, as many directions as
+   centralised training.
 
 Everything here is numpy; :mod:`zoo_ort.scale.fl_apps` carries these dicts over Flower.
 """
@@ -33,7 +41,8 @@ from zoo_ort.settings import RESUME_SAFE, Settings
 from zoo_ort.zo.estimators import QueryResult
 from zoo_ort.zo.step import TrainState, apply_scalars, query_step
 
-PROTOCOL = "zoo-ort-fl/1"
+PROTOCOL = "zoo-ort-fl/2"
+SEEDS = ("distinct", "shared")
 SPLIT_TAG = 0xF1D5  # keeps the shard split's random stream apart from data order and directions
 SAMPLE_TAG = 0xF15A
 CLIENT_TAG = 0xF1C1
@@ -104,7 +113,11 @@ def sample_clients(candidates: Sequence[int], per_round: int, seed: int, rnd: in
 
 
 def federation_fingerprint(
-    settings: Settings, manifest_sha256: str, init_digest: str, local_steps: int
+    settings: Settings,
+    manifest_sha256: str,
+    init_digest: str,
+    local_steps: int,
+    seeds: str = "distinct",
 ) -> str:
     """What server and client must share for the replayed adapters to agree."""
     config = {k: v for k, v in settings.to_dict().items() if k not in _NOT_FINGERPRINTED}
@@ -114,6 +127,7 @@ def federation_fingerprint(
         "init_digest": init_digest,
         "settings": config,
         "local_steps": int(local_steps),
+        "seeds": seeds,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -319,6 +333,44 @@ def aggregate(accepted: Sequence[ClientRound], first: int) -> Pairs:
 
     curv = mean(lambda r: r.curv) if ordered[0].curv is not None else None
     return Pairs(first, mean(lambda r: r.g), curv)
+
+
+def blocks(partitions: Sequence[int], step: int, local_steps: int, seeds: str) -> dict[int, int]:
+    """Each sampled partition's first step index this round (see the module doc)."""
+    ordered = sorted(int(p) for p in partitions)
+    if seeds == "shared":
+        return {p: int(step) for p in ordered}
+    return {p: int(step) + j * int(local_steps) for j, p in enumerate(ordered)}
+
+
+def aggregate_blocks(
+    accepted: Sequence[ClientRound],
+    first: int,
+    partitions: Sequence[int],
+    local_steps: int,
+    queries: int,
+) -> Pairs:
+    """Distinct seeds: every sampled partition's block of ``local_steps`` steps, in partition
+    order from ``first``; an accepted client's scalars scaled by ``M·n_j/N`` (float64, so every
+    run gives the same bits), a missing one's as zeros (no move along its directions)."""
+    ordered = sorted(int(p) for p in partitions)
+    got = {r.partition: r for r in accepted}
+    total = float(sum(r.examples for r in accepted))
+    zeros = [[0.0] * int(queries) for _ in range(int(local_steps))]
+    g: list[list[float]] = []
+    curv: list[list[float]] | None = [] if any(r.curv is not None for r in accepted) else None
+    for p in ordered:
+        r = got.get(p)
+        if r is None:
+            g += zeros
+            if curv is not None:
+                curv += zeros
+            continue
+        scale = len(accepted) * r.examples / total
+        g += [[float(scale * np.float64(x)) for x in row] for row in r.g]
+        if curv is not None:
+            curv += [[float(x) for x in row] for row in (r.curv or zeros)]
+    return Pairs(first, g, curv)
 
 
 # -- the server's history ---------------------------------------------------------------------

@@ -65,6 +65,7 @@ def fed_config(rc: Mapping[str, Any]) -> Any:
         outlier_factor=float(rc.get("outlier-factor", 10.0)),
         eval_every=int(rc.get("eval-every-rounds", 1)),
         round_timeout=float(rc.get("round-timeout", 0.0)) or None,
+        seeds=str(rc.get("seeds", "distinct")),
     ).validate()
 
 
@@ -136,6 +137,7 @@ def client_from_context(context: Any) -> Any:
         num_partitions=int(nc.get("num-partitions", 1)),
         alpha=cfg.alpha,
         local_steps=cfg.local_steps,
+        seeds=cfg.seeds,
     )
 
 
@@ -245,6 +247,7 @@ def run_local(
     nodes: int = 2,
     rounds: int = 2,
     local_steps: int = 1,
+    seeds: str = "distinct",
     settings: Mapping[str, Any] | None = None,
     task: str | None = None,
     alpha: float = 0.5,
@@ -324,6 +327,7 @@ def run_local(
             "per-round": nodes,
             "rounds": rounds,
             "local-steps": local_steps,
+            "seeds": seeds,
             "alpha": alpha,
             "final-sync": True,
             "wait-for-nodes": max(30.0, timeout / 2),

@@ -21,9 +21,13 @@ from zoo_ort.loop.metrics import METRICS, MetricsLog, jsonable
 from zoo_ort.loop.resume import restore_state, run_identity, save_state
 from zoo_ort.scale.fl_client import flatten, manifest_sha256, unflatten
 from zoo_ort.scale.fl_core import (
+    SEEDS,
     ClientRound,
     History,
+    Pairs,
     aggregate,
+    aggregate_blocks,
+    blocks,
     default_g_limit,
     federation_fingerprint,
     finite_mean,
@@ -49,6 +53,7 @@ class FedConfig:
     outlier_factor: float = 10.0  # RMS vs the round's median (three or more clients)
     eval_every: int = 1  # rounds between dev evaluations (0: only at the end)
     round_timeout: float | None = None  # seconds to wait for replies (None: all of them)
+    seeds: str = "distinct"  # each client its own directions, or one shared set (fl_core)
 
     def validate(self) -> FedConfig:
         checks = [
@@ -57,16 +62,22 @@ class FedConfig:
             (self.rounds >= 1 and self.local_steps >= 1, "rounds and local_steps must be >= 1"),
             (self.alpha > 0, "alpha must be > 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.seeds in SEEDS, f"seeds must be one of {', '.join(SEEDS)}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ZooError(f"bad federation setting: {msg}")
         return self
 
+    @property
+    def steps_per_round(self) -> int:
+        """Global steps a round adds: ``M·s`` with distinct seeds, ``s`` with shared ones."""
+        return self.local_steps * (self.per_round if self.seeds == "distinct" else 1)
+
 
 def fed_settings(settings: Settings, cfg: FedConfig) -> Settings:
     """The run's settings: ``steps`` is the global step count (the schedule's horizon)."""
-    return replace(settings, steps=cfg.rounds * cfg.local_steps).validate()
+    return replace(settings, steps=cfg.rounds * cfg.steps_per_round).validate()
 
 
 class FedServer:
@@ -90,6 +101,7 @@ class FedServer:
             manifest_sha256(prepared.bundle),
             tensors_digest(prepared.params, prepared.frozen),
             cfg.local_steps,
+            cfg.seeds,
         )
         fl = {"clients": cfg.clients, "alpha": cfg.alpha, "per_round": cfg.per_round}
         self.identity = run_identity(settings, fresh, {"federation": self.fingerprint, **fl})
@@ -107,6 +119,7 @@ class FedServer:
         self.resumed_from = None if ckpt is None else self.round
         self.log.truncate_after(self.state.step if ckpt is not None else -1)
         self.known: dict[int, int] = {}  # node -> global step whose state it has cached
+        self.blocks: dict[int, int] = {}  # node -> its first step index this round
         self.members: dict[int, dict[str, Any]] = {}  # node -> hello (partition, examples)
         self.refused: dict[int, str] = {}
         self.g_limit = cfg.g_limit or default_g_limit(settings)
@@ -166,6 +179,8 @@ class FedServer:
         """This round's clients: partition -> node (a pure function of seed and round)."""
         by_partition = {int(h["partition"]): n for n, h in self.members.items()}
         chosen = sample_clients(by_partition, self.cfg.per_round, self.s.seed, self.round)
+        first = blocks(chosen, self.state.step, self.cfg.local_steps, self.cfg.seeds)
+        self.blocks = {by_partition[p]: b for p, b in first.items()}
         return {p: by_partition[p] for p in chosen}
 
     def payload(self, node: int) -> dict[str, Any]:
@@ -180,6 +195,7 @@ class FedServer:
             "g": flatten(pairs.g),
             "digest": state_digest(self.state),
             "local_steps": self.cfg.local_steps,
+            "block": self.blocks.get(node, self.state.step),
         }
         if self.s.estimator == "hizoo":
             out["curv"] = flatten(pairs.curv)
@@ -243,7 +259,12 @@ class FedServer:
         rejected |= verdict.rejected
         for part, why in sorted(rejected.items()):
             log.warning("round %d: rejected client %d: %s", self.round, part, why)
-        pairs = aggregate(verdict.accepted, t)
+        if self.cfg.seeds == "distinct":
+            pairs = aggregate_blocks(verdict.accepted, t, sorted(sampled), s, self.s.queries)
+            if not verdict.accepted:
+                pairs = Pairs(t, [])  # nothing to move along: the round adds no steps
+        else:
+            pairs = aggregate(verdict.accepted, t)
         if pairs.g:
             self.state = replay(self.state, pairs, self.s)
             self.history.extend(pairs)
