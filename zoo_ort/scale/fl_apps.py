@@ -227,24 +227,24 @@ def _store_cache(context: Context, state: Any, fingerprint: str) -> None:
 
 # -- deployment (SuperLink + SuperNodes) ------------------------------------------------------
 # The components named in ``zoo_ort/scale/flower_app/pyproject.toml``: the same apps, built from
-# the run config (server) and the node config (client); see :mod:`zoo_ort.scale.fl_deploy`.
+# the run config (server) and the node config (client); see :mod:`zoo_ort.scale.fl_context`.
 
 
 def _deployed_server() -> ServerApp:
-    from zoo_ort.scale import fl_deploy
+    from zoo_ort.scale import fl_context
 
     return make_server_app(
-        fl_deploy.server_from_context,
-        fl_deploy.close_server,
-        final_sync=fl_deploy.final_sync,
-        wait_for_nodes=fl_deploy.wait_for_nodes,
+        fl_context.server_from_context,
+        fl_context.close_server,
+        final_sync=fl_context.final_sync,
+        wait_for_nodes=fl_context.wait_for_nodes,
     )
 
 
 def _deployed_client() -> ClientApp:
-    from zoo_ort.scale import fl_deploy
+    from zoo_ort.scale import fl_context
 
-    return make_client_app(fl_deploy.client_from_context)
+    return make_client_app(fl_context.client_from_context)
 
 
 # Plain assignments: Flower checks the component names statically (flwr run, flwr build).
