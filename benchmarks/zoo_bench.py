@@ -474,6 +474,7 @@ def zoo_train(
     )
     clock = {"train_s": 0.0, "next_eval_s": eval_every_s or 0.0}
     grid = sorted(eval_at_s)  # training seconds still to score at
+    timed = bool(eval_every_s or eval_at_s)
     last: dict[str, float] = {}
     curve: list[dict[str, Any]] = []
     latest: dict[str, dict[str, np.ndarray]] = {}
@@ -504,7 +505,7 @@ def zoo_train(
         losses.append(record["loss"])
         projected.append(record["g"])
         clock["rows"] = record["rows"]
-        if eval_every_s or grid:
+        if timed:  # on the clock's grid only (train() asks after every step)
             due_every = bool(eval_every_s) and clock["train_s"] >= clock["next_eval_s"]
             due_grid = bool(grid) and clock["train_s"] >= grid[0]
             if not (due_every or due_grid):
