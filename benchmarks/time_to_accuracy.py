@@ -168,9 +168,10 @@ def _pct(x: float | None) -> str:
 
 
 def _acc_at(curve: Sequence[dict[str, Any]], seconds: float) -> float | None:
-    """Dev accuracy of the last evaluation at or before ``seconds`` of training."""
-    done = [c for c in curve if c["train_s"] <= seconds + 1e-9]
-    return done[-1]["dev_acc"] if done else None
+    """Dev accuracy of the first evaluation at or after ``seconds`` of training (a grid point is
+    scored at the step whose time first passes it), else of the last one."""
+    later = [c for c in curve if c["train_s"] >= seconds - 1e-9]
+    return (later[0] if later else curve[-1])["dev_acc"] if curve else None
 
 
 def _settings_text(r: dict[str, Any]) -> str:
