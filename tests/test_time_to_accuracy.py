@@ -73,8 +73,6 @@ def test_targets_read_the_curves():
     assert [r["met"] for r in rows] == ["no (0.5x)", "yes"]  # 84% first at 600 s; 85% > 83%
     never = _run([(0, 0.80), (600, 0.82)])
     assert tta.targets("rte", {"zoo_default": never, "mezo_torch": mezo})[0]["met"] == "no"
-    assert tta._acc_at(zoo["curve"], 100) == 0.86 and tta._acc_at(zoo["curve"], 120) == 0.86
-    assert tta._acc_at(zoo["curve"], 600) == 0.87 and tta._acc_at(zoo["curve"], 900) == 0.87
 
 
 @pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2")
