@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
