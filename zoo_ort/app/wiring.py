@@ -285,12 +285,14 @@ def _evals(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def describe(p: Prepared) -> str:
+    from zoo_ort.zo.rows import groups
+
     s = p.settings
-    rows = 2 * s.queries * s.batch_size
+    rows = len(groups(s.estimator, s.queries)) * s.batch_size  # fzoo: (q + 1)·B, hizoo: (2q + 1)·B
     return (
         f"task {s.task}: {len(p.train_data)} train / {len(p.dev_data)} dev examples; "
-        f"{s.steps} steps of q={s.queries} x B={s.batch_size} "
-        f"({rows} rows per pass), lr {s.lr}, eps {s.eps}, loss {s.loss}; "
+        f"{s.steps} {s.estimator} steps of q={s.queries} x B={s.batch_size} "
+        f"({rows} rows per step), lr {s.lr}, eps {s.eps}, loss {s.loss}; "
         f"providers {', '.join(getattr(p.engine, 'active_providers', ['custom engine']))}"
     )
 
