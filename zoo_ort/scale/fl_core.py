@@ -352,7 +352,10 @@ def aggregate_blocks(
 ) -> Pairs:
     """Distinct seeds: every sampled partition's block of ``local_steps`` steps, in partition
     order from ``first``; an accepted client's scalars scaled by ``M·n_j/N`` (float64, so every
-    run gives the same bits), a missing one's as zeros (no move along its directions)."""
+    run gives the same bits), a missing one's as zeros (no move along its directions). With no
+    accepted client there is nothing to move along: the round adds no steps."""
+    if not accepted:
+        return Pairs(first, [])
     ordered = sorted(int(p) for p in partitions)
     got = {r.partition: r for r in accepted}
     total = float(sum(r.examples for r in accepted))

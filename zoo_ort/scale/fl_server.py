@@ -24,7 +24,6 @@ from zoo_ort.scale.fl_core import (
     SEEDS,
     ClientRound,
     History,
-    Pairs,
     aggregate,
     aggregate_blocks,
     blocks,
@@ -261,8 +260,6 @@ class FedServer:
             log.warning("round %d: rejected client %d: %s", self.round, part, why)
         if self.cfg.seeds == "distinct":
             pairs = aggregate_blocks(verdict.accepted, t, sorted(sampled), s, self.s.queries)
-            if not verdict.accepted:
-                pairs = Pairs(t, [])  # nothing to move along: the round adds no steps
         else:
             pairs = aggregate(verdict.accepted, t)
         if pairs.g:
