@@ -73,6 +73,10 @@ def test_targets_read_the_curves():
     assert [r["met"] for r in rows] == ["no (0.5x)", "yes"]  # 84% first at 600 s; 85% > 83%
     never = _run([(0, 0.80), (600, 0.82)])
     assert tta.targets("rte", {"zoo_default": never, "mezo_torch": mezo})[0]["met"] == "no"
+    # MeZO never passes its start (RTE here): no time to beat, said as such, not "0.0x".
+    flat = _run([(0, 0.54), (300, 0.51), (600, 0.52)])
+    row = tta.targets("rte", {"zoo_default": late, "mezo_torch": flat})[0]
+    assert row["met"] == "n/a" and "never passed its start" in row["ref"]
 
 
 @pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2")
