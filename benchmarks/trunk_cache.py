@@ -38,6 +38,33 @@ import numpy as np
 from benchmarks.common import DATA_DIR, current_rss_mb, machine_info
 
 DEFAULT_CACHE_MB = 1024.0
+# train: both contenders get these (not each bundle's recipe, which differ between exports made
+# at different times): P-RGE as MeZO's few-shot runs use it, constant lr so that the contender
+# doing more steps is not also given a different schedule.
+PINNED_TRAINING: dict[str, Any] = {
+    "estimator": "batched",
+    "queries": 1,
+    "batch_size": 16,
+    "lr": 1e-2,
+    "eps": 1e-2,
+    "schedule": "constant",
+    "warmup": 0,
+    "steps": 10**9,
+}
+
+
+def _assignments(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as settings values (JSON where it parses, else the string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def _settings(bundle: str, data: str, **values: Any) -> Any:
@@ -284,6 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="dev: run this contender alone (its own RSS)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train: a training setting for both contenders (e.g. lr=0.01); repeatable",
+    )
     args = parser.parse_args(argv)
     run: Callable[[], Any]
     if args.what == "dev":
@@ -313,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                 cache_mb=args.cache_mb,
                 threads=args.threads,
                 dev_rows=args.dev_rows,
+                **dict(PINNED_TRAINING, **_assignments(args.set)),
             )
     else:
         if not args.one:

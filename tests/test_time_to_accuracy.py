@@ -73,6 +73,15 @@ def test_targets_read_the_curves():
     assert [r["met"] for r in rows] == ["no (0.5x)", "yes"]  # 84% first at 600 s; 85% > 83%
     never = _run([(0, 0.80), (600, 0.82)])
     assert tta.targets("rte", {"zoo_default": never, "mezo_torch": mezo})[0]["met"] == "no"
+    # Times are read on the evaluation grid: a point scored after the step that crossed 120 s
+    # (122 s) counts as 120 s, as MeZO's end (602 s) counts as its 600-s budget.
+    grid = {"eval_at_s": [60.0, 120.0, 240.0], "time_budget_s": 600.0}
+    zoo_late = _run([(0, 0.80), (61, 0.83), (122, 0.845), (601, 0.86)], **grid)
+    mezo_end = _run([(0, 0.80), (120, 0.81), (602, 0.84)], eval_at_s=[120.0], time_budget_s=600.0)
+    row = tta.targets("rte", {"zoo_default": zoo_late, "mezo_torch": mezo_end})[0]
+    assert row["zoo"] == "120 s" and row["ref"] == "600 s (MeZO-torch)"
+    assert row["met"] == "yes (5.0x)"
+    assert tta.scheduled_s(zoo_late, 241.0) == 240.0 and tta.scheduled_s(zoo_late, 59.0) == 59.0
     # MeZO never passes its start (RTE here): no time to beat, said as such, not "0.0x".
     flat = _run([(0, 0.54), (300, 0.51), (600, 0.52)])
     row = tta.targets("rte", {"zoo_default": late, "mezo_torch": flat})[0]
