@@ -217,7 +217,9 @@ def task_rows(runs: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def scheduled_s(run: dict[str, Any], t: float | None) -> float | None:
+def scheduled_s(
+    run: dict[str, Any], t: float | None, budget_s: float | None = None
+) -> float | None:
     """The time an evaluation was scheduled for (a grid point of ``eval_at_s`` or the budget)
     rather than when the step in flight at that time ended: "accuracy after 120 s" is read
     after the step that crosses 120 s, on every contender alike, so the ratio of two times is
@@ -226,7 +228,7 @@ def scheduled_s(run: dict[str, Any], t: float | None) -> float | None:
     if not t:
         return t
     config = run.get("config") or {}
-    grid = [*config.get("eval_at_s", ()), config.get("time_budget_s")]
+    grid = [*config.get("eval_at_s", ()), config.get("time_budget_s") or budget_s]
     return max((g for g in grid if g and g <= t), default=t)
 
 
@@ -234,8 +236,9 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
-def targets(task: str, runs: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, as rows of measure, zoo-ort, reference, target, met."""
+def targets(task: str, runs: dict[str, Any], budget_s: float | None = None) -> list[dict[str, Any]]:
+    """The issue's targets, as rows of measure, zoo-ort, reference, target, met (``budget_s``:
+    the part's training budget, for runs whose config does not record it)."""
     zoo, mezo, fo = (runs.get(k) for k in ("zoo_default", "mezo_torch", "first_order_torch"))
     rows = []
     if zoo and task == "sst2":
@@ -247,7 +250,9 @@ def targets(task: str, runs: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if zoo and mezo:
         goal = max(c["dev_acc"] for c in mezo["curve"])
-        t_mezo, t_zoo = (scheduled_s(r, time_to_reach(r["curve"], goal)) for r in (mezo, zoo))
+        t_mezo, t_zoo = (
+            scheduled_s(r, time_to_reach(r["curve"], goal), budget_s) for r in (mezo, zoo)
+        )
         measure = f"training s to MeZO-torch's best 600-s accuracy ({_pct(goal)})"
         if not t_mezo:
             # MeZO never rose above where every contender starts: there is no time to beat.
@@ -305,7 +310,8 @@ def report(out: Path) -> str:
         if parts.get("torch", {}).get("sweep"):
             text.append(_sweep_line(parts["torch"]))
         text += ["", markdown_table(task_rows(runs), COLUMNS)]
-        text += [markdown_table(targets(task, runs), TARGET_COLUMNS)]
+        budget_s = max((p.get("budget_s") or 0 for p in parts.values()), default=0) or None
+        text += [markdown_table(targets(task, runs, budget_s), TARGET_COLUMNS)]
     return "\n".join(text) + "\n"
 
 

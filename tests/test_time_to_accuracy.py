@@ -81,6 +81,10 @@ def test_targets_read_the_curves():
     row = tta.targets("rte", {"zoo_default": zoo_late, "mezo_torch": mezo_end})[0]
     assert row["zoo"] == "120 s" and row["ref"] == "600 s (MeZO-torch)"
     assert row["met"] == "yes (5.0x)"
+    # PyTorch runs record no budget in their config: the part's budget is the last grid point.
+    mezo_end = _run([(0, 0.80), (300, 0.81), (602, 0.84)], eval_at_s=[120.0, 300.0, 450.0])
+    row = tta.targets("rte", {"zoo_default": zoo_late, "mezo_torch": mezo_end}, 600.0)[0]
+    assert row["ref"] == "600 s (MeZO-torch)" and row["met"] == "yes (5.0x)"
     assert tta.scheduled_s(zoo_late, 241.0) == 240.0 and tta.scheduled_s(zoo_late, 59.0) == 59.0
     # MeZO never passes its start (RTE here): no time to beat, said as such, not "0.0x".
     flat = _run([(0, 0.54), (300, 0.51), (600, 0.52)])
