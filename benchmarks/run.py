@@ -319,7 +319,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--tta-report", action="store_true", help="re-render the time-to-accuracy report"
     )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=("zoo_default", "zoo_prge_before"),
+        help="with --tta --part zoo: re-run this contender, keep the others' last results",
+    )
     a = p.parse_args(argv)
+    if a.only and not (a.tta and a.part == "zoo"):
+        p.error("--only goes with --tta TASK --part zoo")
     if a.tta or a.tta_report:
         from benchmarks import time_to_accuracy as tta
 
@@ -327,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = a.budget if a.budget is not None else FULL.budget_s
         if a.quick:
             budget = a.budget if a.budget is not None else 1.0
-        return tta.main(a.tta, a.part, a.bundle_fp32, Path(a.cache), budget, out, quick=a.quick)
+        return tta.main(
+            a.tta, a.part, a.bundle_fp32, Path(a.cache), budget, out, quick=a.quick, only=a.only
+        )
 
     plan = QUICK if a.quick else FULL
     changes: dict[str, Any] = {}

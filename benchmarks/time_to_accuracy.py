@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,17 @@ def _torch(runner: Any, name: str, bundle: str, task: dict, which: str, **kw: An
 
 
 def run_part(
-    task: str, part: str, bundle: str, cache: Path, budget: float, model: str = "smollm2"
+    task: str,
+    part: str,
+    bundle: str,
+    cache: Path,
+    budget: float,
+    model: str = "smollm2",
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One part's contenders, one after another; a failure is recorded, not raised. ``model``:
-    what the PyTorch side loads ("smollm2", or the Hugging Face folder of a tiny bundle)."""
+    what the PyTorch side loads ("smollm2", or the Hugging Face folder of a tiny bundle);
+    ``only``: the zoo part's contenders to run (the default: all)."""
     from benchmarks.run import Runner
 
     runner = Runner(6 * budget + 1800)
@@ -122,10 +130,12 @@ def run_part(
     res["runs"] = runs = {}
     if part == "zoo":
         res["recipe"] = recipe = recipe_training()
-        runs["zoo_default"] = _zoo(runner, "zoo-ort defaults", bundle, spec, budget, recipe)
-        runs["zoo_prge_before"] = _zoo(
-            runner, "zoo-ort P-RGE before", bundle, spec, budget, PRGE_BEFORE
-        )
+        if not only or "zoo_default" in only:
+            runs["zoo_default"] = _zoo(runner, "zoo-ort defaults", bundle, spec, budget, recipe)
+        if not only or "zoo_prge_before" in only:
+            runs["zoo_prge_before"] = _zoo(
+                runner, "zoo-ort P-RGE before", bundle, spec, budget, PRGE_BEFORE
+            )
     else:
         sweep_s = budget / 3
         torch_kw = dict(model=model, steps=100_000, max_len=MAX_LENGTH)
@@ -307,12 +317,33 @@ def report(out: Path) -> str:
             )
             if p.get("errors"):
                 text.append(f"  - errors: {p['errors']}")
+            for key, when in p.get("kept", {}).items():
+                text.append(f"  - {LABELS[key]}: kept from the part's run of {when}")
         if parts.get("torch", {}).get("sweep"):
             text.append(_sweep_line(parts["torch"]))
         text += ["", markdown_table(task_rows(runs), COLUMNS)]
         budget_s = max((p.get("budget_s") or 0 for p in parts.values()), default=0) or None
         text += [markdown_table(targets(task, runs, budget_s), TARGET_COLUMNS)]
     return "\n".join(text) + "\n"
+
+
+def _earlier_part(path: Path, budget: float, bundle: str) -> dict[str, Any]:
+    """The part file ``--only`` keeps runs from: it must exist, with this budget and bundle."""
+    if not path.is_file():
+        raise SystemExit(f"--only needs an earlier {path.name} to keep the other runs from")
+    old = json.loads(path.read_text())
+    if (old.get("budget_s"), old.get("bundle")) != (budget, bundle):
+        raise SystemExit(f"--only: {path.name} has another budget or bundle; run the whole part")
+    return old
+
+
+def _keep_others(res: dict[str, Any], old: dict[str, Any]) -> None:
+    """Carry the runs ``res`` did not re-run over from the earlier part ``old``."""
+    res["kept"] = dict(old.get("kept", {}))
+    for key, run in old["runs"].items():
+        if key not in res["runs"]:
+            res["runs"][key] = run
+            res["kept"].setdefault(key, old["machine"]["time_utc"])
 
 
 def main(
@@ -323,9 +354,12 @@ def main(
     budget: float,
     out: Path,
     quick: bool = False,
+    only: Sequence[str] | None = None,
 ) -> int:
     """Run ``part`` of ``task`` (if given) into ``out``, then write and print the report.
-    ``quick``: zoo-ort's tiny random model instead of SmolLM2 (CI)."""
+    ``quick``: zoo-ort's tiny random model instead of SmolLM2 (CI); ``only``: re-run these
+    contenders of the zoo part and keep the others from its last file (same bundle), said so
+    in the report."""
     out.mkdir(parents=True, exist_ok=True)
     if task is not None:
         model = "smollm2"
@@ -335,7 +369,10 @@ def main(
             which = "tiny" if quick else "smollm2"
             prep = prepare_bundles(model=which, cache_dir=str(cache), precisions=("fp32",))
             bundle, model = prep["bundles"]["fp32"], prep.get("hf_folder") or model
-        res = run_part(task, part, bundle, cache, budget, model)
+        earlier = _earlier_part(out / f"{task}-{part}.json", budget, bundle) if only else None
+        res = run_part(task, part, bundle, cache, budget, model, only)
+        if earlier:
+            _keep_others(res, earlier)
         atomic_write_json(out / f"{task}-{part}.json", res)
         if res["errors"]:
             _say(f"errors: {res['errors']}")

@@ -119,3 +119,14 @@ def test_quick_parts_end_to_end(tmp_path):
     text = (out / "README.md").read_text()
     assert "## SST2 (whole dev split)" in text and "MeZO-torch lr sweep" in text
     assert "| measure | zoo-ort defaults |" in text
+    # --only re-runs one contender and keeps the other's result, said so in the report.
+    argv = ["--tta", "sst2", "--part", "zoo", "--quick", "--out", str(out), "--cache", str(cache)]
+    assert bench_run.main([*argv, "--only", "zoo_default"]) == 0
+    again = json.loads((out / "sst2-zoo.json").read_text())
+    assert again["runs"]["zoo_prge_before"] == zoo["runs"]["zoo_prge_before"]
+    assert again["runs"]["zoo_default"]["wall_s"] != zoo["runs"]["zoo_default"]["wall_s"]
+    assert again["kept"] == {"zoo_prge_before": zoo["machine"]["time_utc"]}
+    assert (
+        "P-RGE before (lr 1e-2, constant): kept from the part's run of"
+        in (out / "README.md").read_text()
+    )
