@@ -110,7 +110,8 @@ def test_quick_parts_end_to_end(tmp_path):
         assert r["curve"][0]["step"] == 0 and r["curve"][-1]["dev_rows"] == dev_rows, key
         # Scored at the start, at the grid's points and at the end: never after every step.
         grid = tta.ZO_GRID if key.startswith("zoo") else tta.TORCH_GRID
-        assert len(r["curve"]) <= len(grid) + 2 < r["steps_done"], key
+        # (How many steps fit in 1 s depends on the machine's load: no count of steps is assumed.)
+        assert r["config"]["eval_every"] == 0 and len(r["curve"]) <= len(grid) + 2, key
     assert zoo["runs"]["zoo_default"]["config"]["settings"]["lr"] == tta.recipe_training()["lr"]
     assert set(torch_part["sweep"]) == {str(lr) for lr in tta.MEZO_LRS}
     select_rows = tta.SELECT_ROWS["sst2"]
