@@ -30,6 +30,7 @@ from typing import Any
 from benchmarks.common import REPO_ROOT, machine_info, run_in_subprocess
 from benchmarks.plots import plots
 from benchmarks.report import headline, report, same_data, same_directions
+from benchmarks.time_to_accuracy import ZOO_RUNS
 from zoo_ort.io import atomic_write_json, atomic_write_text
 
 ZOO = "benchmarks.zoo_bench"
@@ -322,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--only",
         action="append",
-        choices=("zoo_default", "zoo_prge_before"),
+        choices=tuple(ZOO_RUNS),
         help="with --tta --part zoo: re-run this contender, keep the others' last results",
     )
     a = p.parse_args(argv)

@@ -41,6 +41,8 @@ MAX_LENGTH = 256  # zoo-ort's default max_length, given to the PyTorch side too
 FIRST_ORDER_LR = 1e-3
 # zoo-ort's P-RGE as the recipe had it before this issue (issue 14's "P-RGE of today").
 PRGE_BEFORE = {"lr": 1e-2, "eps": 1e-2, "queries": 1, "batch_size": 16, "estimator": "batched"}
+# The zoo part's contenders (key in the part file: name in the log); ``--only`` picks from them.
+ZOO_RUNS = {"zoo_default": "zoo-ort defaults", "zoo_prge_before": "zoo-ort P-RGE before"}
 # Fractions of the budget at which dev accuracy is scored (plus the start and the end): fine
 # early for the zeroth-order runs, whose time to MeZO's best is read there.
 ZO_GRID = (0.1, 0.2, 0.4, 0.7)
@@ -130,12 +132,10 @@ def run_part(
     res["runs"] = runs = {}
     if part == "zoo":
         res["recipe"] = recipe = recipe_training()
-        if not only or "zoo_default" in only:
-            runs["zoo_default"] = _zoo(runner, "zoo-ort defaults", bundle, spec, budget, recipe)
-        if not only or "zoo_prge_before" in only:
-            runs["zoo_prge_before"] = _zoo(
-                runner, "zoo-ort P-RGE before", bundle, spec, budget, PRGE_BEFORE
-            )
+        settings_of = {"zoo_default": recipe, "zoo_prge_before": PRGE_BEFORE}
+        for key, name in ZOO_RUNS.items():
+            if not only or key in only:
+                runs[key] = _zoo(runner, name, bundle, spec, budget, settings_of[key])
     else:
         sweep_s = budget / 3
         torch_kw = dict(model=model, steps=100_000, max_len=MAX_LENGTH)
