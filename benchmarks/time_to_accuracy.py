@@ -40,7 +40,10 @@ MEZO_LRS = (1e-3, 3e-3, 1e-2)
 MAX_LENGTH = 256  # zoo-ort's default max_length, given to the PyTorch side too
 FIRST_ORDER_LR = 1e-3
 # zoo-ort's P-RGE as the recipe had it before this issue (issue 14's "P-RGE of today").
-PRGE_BEFORE = {"lr": 1e-2, "eps": 1e-2, "queries": 1, "batch_size": 16, "estimator": "batched"}
+PRGE_BEFORE = {
+    "lr": 1e-2, "eps": 1e-2, "queries": 1, "batch_size": 16, "estimator": "batched",
+    "sampler": "shuffle",
+}  # fmt: skip
 # The zoo part's contenders (key in the part file: name in the log); ``--only`` picks from them.
 ZOO_RUNS = {"zoo_default": "zoo-ort defaults", "zoo_prge_before": "zoo-ort P-RGE before"}
 # Fractions of the budget at which dev accuracy is scored (plus the start and the end): fine
@@ -49,7 +52,7 @@ ZO_GRID = (0.1, 0.2, 0.4, 0.7)
 TORCH_GRID = (0.2, 0.5, 0.75)
 # Settings of the recipe's [train] table that shape training (the rest is bookkeeping).
 TRAINING_KEYS = ("lr", "eps", "queries", "batch_size", "estimator", "schedule", "warmup", "steps")
-TRAINING_KEYS += ("optimizer", "momentum", "weight_decay", "hizoo_smooth")
+TRAINING_KEYS += ("optimizer", "momentum", "weight_decay", "hizoo_smooth", "sampler")
 
 
 def _say(message: str) -> None:
@@ -188,6 +191,7 @@ def _settings_text(r: dict[str, Any]) -> str:
             text
             + f" {s['schedule']}"
             + (f" over {s['steps']} steps" if s["schedule"] != "constant" else "")
+            + (", balanced batches" if s.get("sampler") == "balanced" else "")
         )
     if "eps" in c:
         return f"q={c.get('q')} B={c.get('B')} lr {c['lr']:g} eps {c['eps']:g}"

@@ -259,6 +259,7 @@ RECORDED_SETTINGS = (
     "warmup",
     "steps",
     "seed",
+    "sampler",
 )
 
 

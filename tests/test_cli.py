@@ -143,6 +143,7 @@ def test_providers_lists_cpu_usable_and_cuda_not():
         (["--steps", "0"], ["steps"]),
         (["--time-limit", "soon"], ["time_limit"]),
         (["--estimator", "magic"], ["estimator"]),
+        (["--sampler", "stratified"], ["sampler"]),
         (["--trunk-cache-mb", "-1"], ["trunk_cache_mb"]),
     ],
 )
@@ -150,6 +151,30 @@ def test_train_bad_input(tiny_bundle: Path, tmp_path: Path, args: list[str], wor
     out = tmp_path / "run"
     res = zoo("train", tiny_bundle, *TRAIN, "--out", out, *args)
     assert_clean_error(res, *words)
+    assert not (out / "checkpoints").exists()
+
+
+def test_balanced_sampler_refuses_lm_data(tiny_bundle: Path, tmp_path: Path):
+    data = tmp_path / "text"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.jsonl").write_text('{"text": "one line of text"}\n' * 3)
+    out = tmp_path / "run"
+    res = zoo(
+        "train",
+        tiny_bundle,
+        "--data",
+        data,
+        "--task",
+        "lm",
+        "--loss",
+        "lm",
+        "--out",
+        out,
+        "--sampler",
+        "balanced",
+    )
+    assert_clean_error(res, "balanced", "labelled")
     assert not (out / "checkpoints").exists()
 
 

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from zoo_ort.errors import ZooError
 from zoo_ort.tasks import (
     TextEncoder,
+    balanced_batch_indices,
     batch_indices,
     build_task,
     infer_task_name,
@@ -392,6 +393,44 @@ def test_batches_are_a_pure_function_of_seed_and_step(tmp_path, enc):
     idx = batch_indices(23, 5, 7, 0)
     assert first.labels.tolist() == (idx % 2).tolist()
     assert not np.array_equal(fn(0).tokens.input_ids, other(0).tokens.input_ids)
+
+
+def test_balanced_batches_split_labels_evenly_and_cover_each_label(tmp_path, enc):
+    # 3 labels of unequal sizes (9, 4, 2 examples) and B=5: 1 spare slot per step, dealt in turn.
+    labels = [0] * 9 + [1] * 4 + [2] * 2
+    lab = np.array(labels)
+    idx = [balanced_batch_indices(lab, 5, 3, s) for s in range(36)]
+    counts = np.array([np.bincount(lab[i], minlength=3) for i in idx])
+    assert counts.sum(axis=1).tolist() == [5] * 36
+    assert counts.min() == 1 and counts.max() == 2  # 5 // 3 each, the spare slot rotating
+    assert counts.sum(axis=0).tolist() == [60, 60, 60]  # every label gets the same share
+    stream = np.concatenate(idx)
+    for c, size in ((0, 9), (1, 4), (2, 2)):
+        own = stream[lab[stream] == c]
+        for e in range(len(own) // size):  # each label's own epochs: every example once
+            assert (
+                sorted(own[e * size : (e + 1) * size].tolist()) == np.flatnonzero(lab == c).tolist()
+            )
+    again = [balanced_batch_indices(lab, 5, 3, s) for s in (7, 0, 35)]  # pure in (seed, step)
+    assert all(np.array_equal(a, idx[s]) for a, s in zip(again, (7, 0, 35), strict=True))
+    other = np.concatenate([balanced_batch_indices(lab, 5, 4, s) for s in range(6)])
+    assert not np.array_equal(stream[:30], other)
+
+
+def test_balanced_sampler_through_make_batch_fn(tmp_path, enc):
+    lines = "".join(f"movie number {i}\t{int(i < 4)}\n" for i in range(20))  # 4 positive, 16 not
+    write(tmp_path / "train.tsv", "sentence\tlabel\n" + lines)
+    data = load_task_data(tmp_path, "train", build_task("sst2"), enc)
+    fn = make_batch_fn(data, 6, 0, sampler="balanced")
+    assert all(np.bincount(fn(s).labels, minlength=2).tolist() == [3, 3] for s in range(10))
+    plain = make_batch_fn(data, 6, 0)
+    assert np.array_equal(plain(2).labels, data.labels[batch_indices(20, 6, 0, 2)])
+    with pytest.raises(ZooError, match="unknown sampler"):
+        make_batch_fn(data, 6, 0, sampler="stratified")
+    write(tmp_path / "lm" / "train.jsonl", json.dumps({"text": "one line of text"}) + "\n")
+    lm = load_task_data(tmp_path / "lm", "train", build_task("lm"), enc)
+    with pytest.raises(ZooError, match="needs labelled classification data"):
+        make_batch_fn(lm, 2, 0, sampler="balanced")
 
 
 # -- the shipped set ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ ESTIMATORS = ("batched", "sequential", "fzoo", "hizoo")
 LOSSES = ("candidates", "lm")
 OPTIMIZERS = ("sgd", "adam", "sign")
 SCHEDULES = ("constant", "linear", "cosine")
+SAMPLERS = ("shuffle", "balanced")
 
 
 def _s(default: Any, help: str, section: str, *, flag: bool = True) -> Any:
@@ -46,6 +47,11 @@ class Settings:
     verbalizer: str | None = _s(None, "Label words, e.g. '0= bad,1= good'", "data")
     label_field: str | None = _s(None, "Label column/field of custom data", "data")
     max_length: int = _s(256, "Truncate examples to this many tokens", "data")
+    sampler: str = _s(
+        "shuffle",
+        "shuffle (a permutation per epoch) or balanced (every batch split evenly across labels)",
+        "data",
+    )
     # -- train
     steps: int = _s(1000, "Optimisation steps", "train")
     lr: float = _s(1e-2, "Peak learning rate", "train")
@@ -163,6 +169,7 @@ def _problems(s: Settings) -> list[str]:
         # FZOO divides by the spread of its perturbed losses: one query has none.
         (s.estimator != "fzoo" or s.queries >= 2, "estimator fzoo needs queries >= 2"),
         (s.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
+        (s.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}"),
         (s.warmup >= 0, "warmup must be >= 0"),
         (0.0 <= s.momentum < 1.0, "momentum must be in [0, 1)"),
         (len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), "betas must be in [0, 1)"),

@@ -95,7 +95,8 @@ class Prepared:
         """``batches(step)``: the training minibatch of ``step``, a pure function of the seed."""
         from zoo_ort.tasks.sampler import make_batch_fn
 
-        return make_batch_fn(self.train_data, self.settings.batch_size, self.settings.seed)
+        s = self.settings
+        return make_batch_fn(self.train_data, s.batch_size, s.seed, sampler=s.sampler)
 
     def train(self, run_dir: str | Path, **options: Any) -> Any:
         """:func:`zoo_ort.loop.train.train` on these pieces: its data order, dev evaluation and
@@ -147,6 +148,8 @@ def prepare(
     dev_data = _split_data(s, bundle, split)
     if train and s.loss == "candidates" and train_data.is_lm:
         raise ZooError("loss 'candidates' needs classification data; use --loss lm for LM data")
+    if train and s.sampler == "balanced" and train_data.is_lm:
+        raise ZooError("sampler 'balanced' needs labelled classification data; use 'shuffle'")
     if engine is None:
         engine = _ort_engine(s, bundle)
     params, frozen = split_lora(bundle, bundle.initial_lora())

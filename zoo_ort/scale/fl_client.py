@@ -88,7 +88,9 @@ class FedClient:
             self.seeds,
         )
         seed = client_seed(self.settings.seed, self.partition)
-        self.batches = make_batch_fn(train, self.settings.batch_size, seed)
+        self.batches = make_batch_fn(
+            train, self.settings.batch_size, seed, sampler=self.settings.sampler
+        )
 
     def hello(self) -> dict[str, Any]:
         return {

@@ -12,7 +12,12 @@ Typical use::
 from zoo_ort.tasks.dataset import DEFAULT_MAX_LENGTH, TaskData, load_task_data, truncate_prompt
 from zoo_ort.tasks.encode import TextEncoder
 from zoo_ort.tasks.files import Record, read_records, resolve_data, shipped_sets, split_file
-from zoo_ort.tasks.sampler import batch_indices, epoch_permutation, make_batch_fn
+from zoo_ort.tasks.sampler import (
+    balanced_batch_indices,
+    batch_indices,
+    epoch_permutation,
+    make_batch_fn,
+)
 from zoo_ort.tasks.spec import (
     BUILTIN,
     CLASSIFICATION,
@@ -33,6 +38,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "TextEncoder",
+    "balanced_batch_indices",
     "batch_indices",
     "build_task",
     "epoch_permutation",

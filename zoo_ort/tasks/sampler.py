@@ -4,6 +4,12 @@ The examples form one endless stream, epoch after epoch, each epoch a fresh perm
 ``SeedSequence([seed, epoch, SHUFFLE_TAG])``; step ``s`` takes stream positions
 ``s*B .. s*B + B - 1``. A resumed run therefore sees exactly the batches it would have seen, and
 every example appears once per epoch even when ``B`` does not divide the dataset size.
+
+``balanced`` batches (classification data) split every batch evenly across the labels: each
+label has its own stream of epochs, and step ``s`` takes the next ``B // C`` examples of each
+(the ``B % C`` spare slots go to the labels in turn). A batch whose labels are skewed moves the
+two label words' bias as much as it teaches the task, and a zeroth-order step sees only the batch
+mean; balancing removes that swing (and the majority label's pull) without dropping examples.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from functools import lru_cache
 import numpy as np
 
 from zoo_ort.engine.protocol import LabeledBatch
+from zoo_ort.errors import ZooError
+from zoo_ort.settings import SAMPLERS
 from zoo_ort.tasks.dataset import TaskData
 
 SHUFFLE_TAG = 0x5D47A  # keeps the data order's random stream apart from the directions'
@@ -46,13 +54,79 @@ def batch_indices(
     return out
 
 
+def balanced_batch_indices(
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    step: int,
+    permutations: Callable[[int, int], np.ndarray] | None = None,
+) -> np.ndarray:
+    """``step``'s example indices with the labels split evenly (see the module docstring);
+    ``permutations(label, epoch)`` may be a cached :func:`label_permutation`."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if batch_size <= 0 or step < 0 or seed < 0 or len(classes) == 0:
+        raise ValueError("labels and batch_size must be non-empty, step and seed non-negative")
+    members = {int(c): np.flatnonzero(labels == c) for c in classes}
+    if permutations is None:
+        permutations = lambda c, epoch: label_permutation(len(members[c]), seed, c, epoch)  # noqa: E731
+    per, spare = divmod(batch_size, len(classes))
+    out = []
+    for k, c in enumerate(classes.tolist()):
+        # Spare slots are dealt to the labels in turn across steps: slot e goes to label e % C.
+        start = step * per + _dealt(step * spare, k, len(classes))
+        count = (
+            per
+            + _dealt((step + 1) * spare, k, len(classes))
+            - _dealt(step * spare, k, len(classes))
+        )
+        own = members[c]
+        stream = np.arange(start, start + count, dtype=np.int64)
+        epochs = stream // len(own)
+        for epoch in np.unique(epochs).tolist():
+            sel = stream[epochs == epoch] % len(own)
+            out.append(own[permutations(c, epoch)[sel]])
+    return np.concatenate(out)
+
+
+def _dealt(slots: int, k: int, classes: int) -> int:
+    """How many of the first ``slots`` spare slots (dealt in turn) label number ``k`` got."""
+    return (slots - k + classes - 1) // classes
+
+
+def label_permutation(size: int, seed: int, label: int, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, SHUFFLE_TAG, label + 1]))
+    return rng.permutation(size)
+
+
 def make_batch_fn(
-    dataset: TaskData, batch_size: int, seed: int, *, pad_to: int | None = None
+    dataset: TaskData,
+    batch_size: int,
+    seed: int,
+    *,
+    pad_to: int | None = None,
+    sampler: str = "shuffle",
 ) -> Callable[[int], LabeledBatch]:
     """``fn(step) -> LabeledBatch`` of ``batch_size`` examples (see the module docstring)."""
     size = len(dataset)
     if size <= 0 or batch_size <= 0 or seed < 0:
         raise ValueError("dataset and batch_size must be non-empty, seed non-negative")
+    if sampler not in SAMPLERS:
+        raise ZooError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if sampler == "balanced":
+        if dataset.labels is None:
+            raise ZooError("sampler 'balanced' needs labelled classification data; use 'shuffle'")
+        labels = dataset.labels
+
+        @lru_cache(maxsize=16)
+        def label_order(label: int, epoch: int) -> np.ndarray:
+            return label_permutation(int((labels == label).sum()), seed, label, epoch)
+
+        def balanced(step: int) -> LabeledBatch:
+            idx = balanced_batch_indices(labels, batch_size, seed, step, label_order)
+            return dataset.batch(idx, pad_to)
+
+        return balanced
 
     @lru_cache(maxsize=4)  # a batch spans at most a few epochs, and steps move forward
     def permutation(epoch: int) -> np.ndarray:
