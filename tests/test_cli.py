@@ -338,3 +338,29 @@ def test_federate_runs_a_tiny_federation_quietly(tiny_bundle: Path, tmp_path: Pa
     assert "dev accuracy" in res.stdout and (out / "final" / "adapter_config.json").is_file()
     noise = [ln for ln in (res.stdout + res.stderr).splitlines() if "DEPRECAT" in ln.upper()]
     assert not noise, noise  # Flower's and Ray's notices stay out of the user's terminal
+
+
+def test_recipe_balanced_sampler_gives_way_to_lm_data(tiny_bundle: Path, tmp_path: Path):
+    import json
+
+    from zoo_ort.app.wiring import resolve
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in tiny_bundle.iterdir():
+        if f.name != "manifest.json":
+            (bundle / f.name).symlink_to(f)
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    manifest["defaults"] = {**manifest.get("defaults", {}), "sampler": "balanced"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    text = tmp_path / "text"
+    text.mkdir()
+    for split in ("train", "dev"):
+        (text / f"{split}.jsonl").write_text('{"text": "one line of text"}\n' * 3)
+    lm = {"data": str(text), "task": "lm", "loss": "lm", "out": str(tmp_path / "r")}
+    r = resolve(bundle, lm)
+    assert r.settings.sampler == "shuffle" and r.sources["sampler"].startswith("recipe")
+    cls = resolve(bundle, {"data": "sentiment", "out": str(tmp_path / "r")})
+    assert cls.settings.sampler == "balanced" and cls.sources["sampler"] == "recipe"
+    explicit = resolve(bundle, lm | {"sampler": "balanced"})
+    assert explicit.settings.sampler == "balanced"  # refused when the data is loaded (see above)

@@ -53,6 +53,11 @@ def resolve(
         )
     if s.task is None:
         s = replace(s, task=_infer_task(s))
+    sources = dict(resolved.sources)
+    if s.task == "lm" and s.sampler == "balanced" and sources["sampler"] == "recipe":
+        # A recipe's balanced batches are tuned for labelled data; LM text has no labels to
+        # balance, so the recipe's choice gives way (an explicit --sampler balanced is refused).
+        s, sources["sampler"] = replace(s, sampler="shuffle"), "recipe (shuffle: LM data)"
     if for_training and not s.out:
         raise ZooError("no run folder: pass --out RUN")
     generic = list(provider_option or [])
@@ -62,7 +67,6 @@ def resolve(
         if not any(g.startswith(f"{k}=") for g in generic)
     ]
     options = parse_options(s.provider, dict(provider_flags or {}), generic)
-    sources = dict(resolved.sources)
     if provider_flags or provider_option:
         sources["provider_options"] = "flags"
     return Resolved(replace(s, provider_options=options).validate(), sources)
