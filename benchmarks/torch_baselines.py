@@ -25,6 +25,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -51,7 +52,7 @@ from benchmarks.common import (
     run_in_subprocess,
     write_results,
 )
-from zoo_ort.tasks.sampler import batch_indices, epoch_permutation
+from zoo_ort.tasks.sampler import balanced_batch_indices, batch_indices, epoch_permutation
 
 TEMPLATE = "Movie review: {sentence}\nThe sentiment of this review is"  # zoo-ort's sst2 task
 CANDIDATES = (" negative", " positive")  # index = SST-2 label
@@ -196,6 +197,7 @@ class PromptData:
     dev_labels: np.ndarray
     candidate_ids: tuple[int, ...]  # first token of each label word
     pad_id: int
+    sampler: str = "shuffle"  # zoo-ort's --sampler: "shuffle" or "balanced"
 
     def batch(self, ids: Sequence[Sequence[int]], labels: Sequence[int]) -> Batch:
         lengths = [len(x) for x in ids]
@@ -216,6 +218,8 @@ class PromptData:
         """The ``size`` training rows of ``step``: zoo-ort's data order (``batches()`` of
         :func:`zoo_ort.app.wiring.prepare`), so that every side trains on the same rows."""
         n = len(self.train_ids)
+        if self.sampler == "balanced":
+            return balanced_batch_indices(self.train_labels, size, seed, step)
         return batch_indices(n, size, seed, step, functools.partial(_epoch_order, n, seed))
 
     def train_batch(self, seed: int, step: int, size: int) -> Batch:
@@ -731,6 +735,7 @@ def run_baseline(
     directions: str = "torch",
     task: dict[str, Any] | None = None,
     dev_split: str = "dev",
+    sampler: str = "shuffle",
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Load ``model`` ("tiny", "smollm2" or a local HF model folder), wrap it in LoRA-FA and run
@@ -742,8 +747,9 @@ def run_baseline(
     peft's, so both sides start from the same adapter. ``directions`` (MeZO only): "torch"
     (:func:`torch_directions`) or "zoo" (:func:`zoo_directions`, needs ``bundle``). ``task``:
     a zoo-ort task (:func:`load_task_data`, needs ``bundle``) scored on its ``dev_split``
-    instead of SST-2 with :data:`TEMPLATE`. Adds ``model``, ``load_s`` and the training phase's
-    peak RSS (``phase_peak_rss_mb``) to the trainer's result.
+    instead of SST-2 with :data:`TEMPLATE`. ``sampler``: zoo-ort's batch order ("shuffle", or
+    "balanced": every batch split evenly across the labels). Adds ``model``, ``load_s`` and the
+    training phase's peak RSS (``phase_peak_rss_mb``) to the trainer's result.
     """
     trainers = {"mezo": mezo_torch, "first_order": first_order_torch, "forward": forward_only_torch}
     if which not in trainers:
@@ -775,12 +781,14 @@ def run_baseline(
         )
     else:
         data = load_prompt_data(tokenizer, train_limit=train_limit, max_len=max_len)
+    data = dataclasses.replace(data, sampler=sampler)
     load_s = time.perf_counter() - t0
     if which != "forward":
         trainer_kwargs.setdefault("seed", seed)
     with PeakRSS() as rss:
         result = trainers[which](net, data, **trainer_kwargs)
     result["config"].update(rank=rank, alpha=alpha, targets=list(targets), bundle=bundle)
+    result["config"]["sampler"] = sampler
     if which == "mezo":
         result["config"]["directions"] = directions
     digests = {

@@ -6,6 +6,7 @@ the same tokens, and its ratio logic must be right on hand-made curves.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/
 
 def test_zoo_side_uses_the_baselines_prompt_and_batches():
     from benchmarks import torch_baselines as tb
-    from zoo_ort.tasks import batch_indices, build_task
+    from zoo_ort.tasks import balanced_batch_indices, batch_indices, build_task
 
     task = build_task(zoo_bench.run_settings("bundle").task)
     assert task.template == tb.TEMPLATE
@@ -49,6 +50,13 @@ def test_zoo_side_uses_the_baselines_prompt_and_batches():
     for step in (0, 1, 7):
         got = batch_indices(50, 16, 3, step)  # the order of zoo-ort's Prepared.batches()
         assert np.array_equal(got, data.train_indices(3, step, 16))
+    # --sampler balanced: the same rows as zoo-ort's balanced batches
+    labels = np.arange(50) % 3 == 0
+    balanced = dataclasses.replace(data, train_labels=labels.astype(np.int64), sampler="balanced")
+    for step in (0, 5):
+        got = balanced_batch_indices(labels.astype(np.int64), 16, 3, step)
+        assert np.array_equal(got, balanced.train_indices(3, step, 16))
+        assert np.bincount(labels[got].astype(int)).tolist() == [8, 8]
 
 
 def test_time_to_reach_and_headline_ratios():
