@@ -14,6 +14,7 @@ from zoo_ort.tasks.encode import TextEncoder
 from zoo_ort.tasks.files import Record, read_records, resolve_data, shipped_sets, split_file
 from zoo_ort.tasks.sampler import (
     balanced_batch_indices,
+    balanced_order,
     batch_indices,
     epoch_permutation,
     make_batch_fn,
@@ -39,6 +40,7 @@ __all__ = [
     "TaskSpec",
     "TextEncoder",
     "balanced_batch_indices",
+    "balanced_order",
     "batch_indices",
     "build_task",
     "epoch_permutation",

@@ -54,39 +54,42 @@ def batch_indices(
     return out
 
 
-def balanced_batch_indices(
-    labels: np.ndarray,
-    batch_size: int,
-    seed: int,
-    step: int,
-    permutations: Callable[[int, int], np.ndarray] | None = None,
-) -> np.ndarray:
-    """``step``'s example indices with the labels split evenly (see the module docstring);
-    ``permutations(label, epoch)`` may be a cached :func:`label_permutation`."""
+def balanced_order(labels: np.ndarray, batch_size: int, seed: int) -> Callable[[int], np.ndarray]:
+    """``order(step)``: the example indices of ``step`` with the labels split evenly (see the
+    module docstring). The label groups are found once here, not at every step."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
-    if batch_size <= 0 or step < 0 or seed < 0 or len(classes) == 0:
-        raise ValueError("labels and batch_size must be non-empty, step and seed non-negative")
-    members = {int(c): np.flatnonzero(labels == c) for c in classes}
-    if permutations is None:
-        permutations = lambda c, epoch: label_permutation(len(members[c]), seed, c, epoch)  # noqa: E731
-    per, spare = divmod(batch_size, len(classes))
-    out = []
-    for k, c in enumerate(classes.tolist()):
-        # Spare slots are dealt to the labels in turn across steps: slot e goes to label e % C.
-        start = step * per + _dealt(step * spare, k, len(classes))
-        count = (
-            per
-            + _dealt((step + 1) * spare, k, len(classes))
-            - _dealt(step * spare, k, len(classes))
-        )
-        own = members[c]
-        stream = np.arange(start, start + count, dtype=np.int64)
-        epochs = stream // len(own)
-        for epoch in np.unique(epochs).tolist():
-            sel = stream[epochs == epoch] % len(own)
-            out.append(own[permutations(c, epoch)[sel]])
-    return np.concatenate(out)
+    if batch_size <= 0 or seed < 0 or len(classes) == 0:
+        raise ValueError("labels and batch_size must be non-empty, seed non-negative")
+    members = [np.flatnonzero(labels == c) for c in classes]
+    n = len(classes)
+    per, spare = divmod(batch_size, n)
+
+    @lru_cache(maxsize=4 * n)  # a batch spans at most a few epochs of each label
+    def permutation(k: int, epoch: int) -> np.ndarray:
+        return label_permutation(len(members[k]), seed, int(classes[k]), epoch)
+
+    def order(step: int) -> np.ndarray:
+        if step < 0:
+            raise ValueError("step must be non-negative")
+        out = []
+        for k, own in enumerate(members):
+            # Spare slots are dealt to the labels in turn across steps: slot e goes to label e % C.
+            before, through = _dealt(step * spare, k, n), _dealt((step + 1) * spare, k, n)
+            start = step * per + before
+            stream = np.arange(start, start + per + through - before, dtype=np.int64)
+            epochs = stream // len(own)
+            for epoch in np.unique(epochs).tolist():
+                out.append(own[permutation(k, epoch)[stream[epochs == epoch] % len(own)]])
+        return np.concatenate(out)
+
+    return order
+
+
+def balanced_batch_indices(labels: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """``step``'s example indices with the labels split evenly (one-off; a run keeps a
+    :func:`balanced_order`)."""
+    return balanced_order(labels, batch_size, seed)(step)
 
 
 def _dealt(slots: int, k: int, classes: int) -> int:
@@ -116,15 +119,10 @@ def make_batch_fn(
     if sampler == "balanced":
         if dataset.labels is None:
             raise ZooError("sampler 'balanced' needs labelled classification data; use 'shuffle'")
-        labels = dataset.labels
-
-        @lru_cache(maxsize=16)
-        def label_order(label: int, epoch: int) -> np.ndarray:
-            return label_permutation(int((labels == label).sum()), seed, label, epoch)
+        order = balanced_order(dataset.labels, batch_size, seed)
 
         def balanced(step: int) -> LabeledBatch:
-            idx = balanced_batch_indices(labels, batch_size, seed, step, label_order)
-            return dataset.batch(idx, pad_to)
+            return dataset.batch(order(step), pad_to)
 
         return balanced
 
