@@ -316,7 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="time to accuracy on this task (benchmarks/time_to_accuracy.py), one --part a call",
     )
-    p.add_argument("--part", choices=("zoo", "torch"), default="zoo", help="with --tta")
+    p.add_argument(
+        "--part",
+        choices=("zoo", "torch", "seeds"),
+        default="zoo",
+        help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="with --tta TASK --part seeds")
     p.add_argument(
         "--tta-report", action="store_true", help="re-render the time-to-accuracy report"
     )
@@ -329,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.only and not (a.tta and a.part == "zoo"):
         p.error("--only goes with --tta TASK --part zoo")
+    if (a.seed is not None) != (a.part == "seeds" and a.tta is not None):
+        p.error("--seed goes with --tta TASK --part seeds, and that part needs it")
     if a.tta or a.tta_report:
         from benchmarks import time_to_accuracy as tta
 
@@ -337,7 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.quick:
             budget = a.budget if a.budget is not None else 1.0
         return tta.main(
-            a.tta, a.part, a.bundle_fp32, Path(a.cache), budget, out, quick=a.quick, only=a.only
+            a.tta,
+            a.part,
+            a.bundle_fp32,
+            Path(a.cache),
+            budget,
+            out,
+            quick=a.quick,
+            only=a.only,
+            seed=a.seed,
         )
 
     plan = QUICK if a.quick else FULL

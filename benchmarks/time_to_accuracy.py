@@ -4,6 +4,7 @@ MeZO in PyTorch at its own best lr and first-order LoRA, on SST-2 and RTE, 600 s
     python -m benchmarks.run --tta sst2 --part zoo     # zoo-ort's two contenders (~30 min)
     python -m benchmarks.run --tta sst2 --part torch   # MeZO lr sweep, MeZO, first-order (~45 min)
     python -m benchmarks.run --tta rte --part zoo      # the same on RTE
+    python -m benchmarks.run --tta rte --part seeds --seed 1   # two of them again, another seed
     python -m benchmarks.run --tta-report              # the tables of every part that ran
 
 Each part fits well under an hour and writes ``{out}/{task}-{part}.json`` as it lands; the report
@@ -34,6 +35,9 @@ from zoo_ort.io import atomic_write_json, atomic_write_text
 
 TASKS = ("sst2", "rte")
 PARTS = ("zoo", "torch")
+# The seeds part re-runs these (zoo-ort's defaults, and MeZO-torch at the lr its part chose) with
+# another training seed, so that a comparison at chance level is one of means, not of one draw.
+SEED_RUNS = ("zoo_default", "mezo_torch")
 RECIPE = REPO_ROOT / "models" / "smollm2-135m.toml"
 SELECT_ROWS = {"sst2": 500, "rte": 300}
 MEZO_LRS = (1e-3, 3e-3, 1e-2)
@@ -87,7 +91,9 @@ def recipe_training() -> dict[str, Any]:
     return {k: v for k, v in table.items() if k in TRAINING_KEYS}
 
 
-def _zoo(runner: Any, name: str, bundle: str, task: dict, budget: float, s: dict) -> Any:
+def _zoo(
+    runner: Any, name: str, bundle: str, task: dict, budget: float, s: dict, seed: int = 0
+) -> Any:
     s = dict(s)
     kw = dict(q=s.pop("queries"), B=s.pop("batch_size"), lr=s.pop("lr"), eps=s.pop("eps"))
     return runner(
@@ -101,6 +107,7 @@ def _zoo(runner: Any, name: str, bundle: str, task: dict, budget: float, s: dict
             dev_rows=0,
             steps=s.pop("steps", 100_000),
             values=s,
+            seed=seed,
             **kw,
         ),
     )
@@ -142,7 +149,7 @@ def run_part(
     else:
         sweep_s = budget / 3
         torch_kw = dict(model=model, steps=100_000, max_len=MAX_LENGTH)
-        mezo_kw = dict(torch_kw, eps=1e-2, q=1, directions="zoo")
+        mezo_kw = _mezo_kw(model)
         res["sweep"] = sweep = {}
         for lr in MEZO_LRS:
             sweep[str(lr)] = _torch(
@@ -161,6 +168,48 @@ def run_part(
         )  # fmt: skip
     res["errors"] = runner.errors
     res["load"] = runner.load
+    return res
+
+
+def _mezo_kw(model: str) -> dict[str, Any]:
+    return dict(model=model, steps=100_000, max_len=MAX_LENGTH, eps=1e-2, q=1, directions="zoo")
+
+
+def run_seed(
+    task: str, seed: int, bundle: str, cache: Path, budget: float, out: Path, model: str
+) -> dict[str, Any]:
+    """The seeds part: :data:`SEED_RUNS` once more with training seed ``seed`` (the batches'
+    order and the directions; the initial adapter is the bundle's, as in the parts), MeZO at the
+    lr the torch part chose. Each run is added to ``{out}/{task}-seeds.json`` as it lands."""
+    from benchmarks.run import Runner
+
+    torch_part = _earlier_part(out / f"{task}-torch.json", budget, bundle, "--part seeds")
+    path = out / f"{task}-seeds.json"
+    head = {"task": task, "part": "seeds", "budget_s": budget, "bundle": bundle}
+    head |= {"recipe": recipe_training(), "mezo_lr": torch_part["mezo_lr"]}
+    res = json.loads(path.read_text()) if path.is_file() else dict(head, seeds={})
+    if {k: res.get(k) for k in head} != head:
+        raise SystemExit(
+            f"--part seeds: {path.name} has another budget, bundle, recipe or MeZO lr; move it away"
+        )
+    if seed == 0:
+        raise SystemExit("--part seeds: seed 0 is the parts' own run; give another seed")
+    runner = Runner(6 * budget + 1800)
+    spec = {"data": str(task_folder(task, cache)), "task": task}
+    entry = res["seeds"].setdefault(str(seed), {})
+    entry.update(machine=machine_info(), runs=entry.get("runs", {}))
+    timed = dict(time_budget_s=budget, eval_at_s=[f * budget for f in TORCH_GRID])
+    for key in SEED_RUNS:
+        if key == "zoo_default":
+            run = _zoo(runner, f"zoo-ort defaults, seed {seed}", bundle, spec, budget,
+                       head["recipe"], seed=seed)  # fmt: skip
+        else:
+            lr = head["mezo_lr"]
+            run = _torch(runner, f"MeZO-torch lr {lr:g}, seed {seed}", bundle, spec, "mezo",
+                         lr=lr, seed=seed, **timed, **_mezo_kw(model))  # fmt: skip
+        entry["runs"][key] = run
+        entry["errors"], entry["load"] = runner.errors, runner.load
+        atomic_write_json(path, res)
     return res
 
 
@@ -290,6 +339,72 @@ TARGET_COLUMNS = [("measure", "measure"), ("zoo", "zoo-ort defaults"), ("ref", "
 TARGET_COLUMNS += [("target", "target"), ("met", "met")]
 
 
+def seed_ends(parts: dict[str, Any], seeds: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """Accuracy at the end of the budget of each of :data:`SEED_RUNS`, by training seed: seed 0
+    is the part's own run (counted only where that part ran with the seeds part's budget,
+    bundle, recipe and MeZO lr), the others come from the seeds part."""
+    ends: dict[str, dict[int, float]] = {key: {} for key in SEED_RUNS}
+    same = {k: seeds[k] for k in ("budget_s", "bundle")}
+    zoo, torch_part = parts.get("zoo") or {}, parts.get("torch") or {}
+    firsts = {
+        "zoo_default": zoo.get("recipe") == seeds["recipe"] and zoo,
+        "mezo_torch": torch_part.get("mezo_lr") == seeds["mezo_lr"] and torch_part,
+    }
+    for key, part in firsts.items():
+        run = part and all(part.get(k) == v for k, v in same.items()) and part["runs"].get(key)
+        if run:
+            ends[key][0] = run["curve"][-1]["dev_acc"]
+    for seed, entry in seeds["seeds"].items():
+        for key, run in entry.get("runs", {}).items():
+            if run:
+                ends[key][int(seed)] = run["curve"][-1]["dev_acc"]
+    return ends
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); None for one value)."""
+    n, mean = len(values), sum(values) / len(values)
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, (var / n) ** 0.5
+
+
+def _pm(values: Sequence[float]) -> str:
+    mean, se = mean_se(values)
+    return _pct(mean) + ("" if se is None else f" ± {100 * se:.1f}") + f" (n={len(values)})"
+
+
+SEED_COLUMNS = [("contender", "contender"), ("ends", "accuracy at the end, by seed")]
+SEED_COLUMNS += [("mean", "mean ± standard error")]
+
+
+def seed_section(task: str, ends: dict[str, dict[int, float]]) -> list[str]:
+    """The seeds' table and, on RTE with two seeds or more a side, the target read on means."""
+    rows = [
+        {
+            "contender": LABELS[key],
+            "ends": ", ".join(f"{s}: {_pct(a)}" for s, a in sorted(by_seed.items())),
+            "mean": _pm(list(by_seed.values())),
+        }
+        for key, by_seed in ends.items()
+        if by_seed
+    ]
+    text = ["", f"### {task.upper()} over training seeds", "", markdown_table(rows, SEED_COLUMNS)]
+    zoo, mezo = (list(ends[k].values()) for k in SEED_RUNS)
+    if task == "rte" and len(zoo) >= 2 and len(mezo) >= 2:
+        (zm, zse), (mm, mse) = mean_se(zoo), mean_se(mezo)
+        diff_se = (zse**2 + mse**2) ** 0.5
+        row = {"measure": "RTE dev accuracy after 600 s, mean over seeds", "zoo": _pm(zoo)}
+        row |= {"ref": f"{_pm(mezo)} (MeZO-torch)", "target": "higher", "met": _yes(zm > mm)}
+        text += [markdown_table([row], TARGET_COLUMNS)]
+        text += [
+            f"Difference of the means: {100 * (zm - mm):+.1f} points, standard error "
+            f"{100 * diff_se:.1f}."
+        ]
+    return text
+
+
 def _read_parts(out: Path, task: str) -> dict[str, dict[str, Any]]:
     files = {p: out / f"{task}-{p}.json" for p in PARTS}
     return {p: json.loads(f.read_text()) for p, f in files.items() if f.is_file()}
@@ -328,16 +443,25 @@ def report(out: Path) -> str:
         text += ["", markdown_table(task_rows(runs), COLUMNS)]
         budget_s = max((p.get("budget_s") or 0 for p in parts.values()), default=0) or None
         text += [markdown_table(targets(task, runs, budget_s), TARGET_COLUMNS)]
+        if (seeds_file := out / f"{task}-seeds.json").is_file():
+            seeds = json.loads(seeds_file.read_text())
+            text += seed_section(task, seed_ends(parts, seeds))
+            for seed, entry in sorted(seeds["seeds"].items(), key=lambda kv: int(kv[0])):
+                m = entry["machine"]
+                text.append(f"- seed {seed}, {m['time_utc']}: {machine_line(m)}")
+                if entry.get("errors"):
+                    text.append(f"  - errors: {entry['errors']}")
     return "\n".join(text) + "\n"
 
 
-def _earlier_part(path: Path, budget: float, bundle: str) -> dict[str, Any]:
-    """The part file ``--only`` keeps runs from: it must exist, with this budget and bundle."""
+def _earlier_part(path: Path, budget: float, bundle: str, who: str = "--only") -> dict[str, Any]:
+    """The part file ``who`` builds on (``--only`` keeps its other runs, the seeds part its MeZO
+    lr): it must exist, with this budget and bundle."""
     if not path.is_file():
-        raise SystemExit(f"--only needs an earlier {path.name} to keep the other runs from")
+        raise SystemExit(f"{who} needs an earlier {path.name} to build on; run that part first")
     old = json.loads(path.read_text())
     if (old.get("budget_s"), old.get("bundle")) != (budget, bundle):
-        raise SystemExit(f"--only: {path.name} has another budget or bundle; run the whole part")
+        raise SystemExit(f"{who}: {path.name} has another budget or bundle; run the whole part")
     return old
 
 
@@ -359,12 +483,15 @@ def main(
     out: Path,
     quick: bool = False,
     only: Sequence[str] | None = None,
+    seed: int | None = None,
 ) -> int:
     """Run ``part`` of ``task`` (if given) into ``out``, then write and print the report.
     ``quick``: zoo-ort's tiny random model instead of SmolLM2 (CI); ``only``: re-run these
     contenders of the zoo part and keep the others from its last file (same bundle), said so
-    in the report."""
+    in the report; ``seed``: the training seed of the seeds part."""
     out.mkdir(parents=True, exist_ok=True)
+    if part == "seeds" and seed is None:
+        raise SystemExit("--part seeds needs --seed N")
     if task is not None:
         model = "smollm2"
         if bundle is None or quick:
@@ -373,11 +500,14 @@ def main(
             which = "tiny" if quick else "smollm2"
             prep = prepare_bundles(model=which, cache_dir=str(cache), precisions=("fp32",))
             bundle, model = prep["bundles"]["fp32"], prep.get("hf_folder") or model
-        earlier = _earlier_part(out / f"{task}-{part}.json", budget, bundle) if only else None
-        res = run_part(task, part, bundle, cache, budget, model, only)
-        if earlier:
-            _keep_others(res, earlier)
-        atomic_write_json(out / f"{task}-{part}.json", res)
+        if part == "seeds":
+            res = run_seed(task, seed, bundle, cache, budget, out, model)["seeds"][str(seed)]
+        else:
+            earlier = _earlier_part(out / f"{task}-{part}.json", budget, bundle) if only else None
+            res = run_part(task, part, bundle, cache, budget, model, only)
+            if earlier:
+                _keep_others(res, earlier)
+            atomic_write_json(out / f"{task}-{part}.json", res)
         if res["errors"]:
             _say(f"errors: {res['errors']}")
     text = report(out)

@@ -92,6 +92,47 @@ def test_targets_read_the_curves():
     assert row["met"] == "n/a" and "never passed its start" in row["ref"]
 
 
+def test_seeds_compare_means_with_their_standard_error():
+    head = {"budget_s": 600.0, "bundle": "b", "recipe": {"lr": 0.02}, "mezo_lr": 0.003}
+    parts = {
+        "zoo": {**head, "runs": {"zoo_default": _run([(0, 0.54), (600, 0.50)])}},
+        "torch": {**head, "runs": {"mezo_torch": _run([(0, 0.54), (600, 0.52)])}},
+    }
+    seeds = dict(head, seeds={})
+    for seed, (z, m) in {"1": (0.56, 0.50), "2": (0.53, 0.51)}.items():
+        runs = {"zoo_default": _run([(0, 0.54), (600, z)]), "mezo_torch": _run([(600, m)])}
+        seeds["seeds"][seed] = {"runs": runs}
+    ends = tta.seed_ends(parts, seeds)
+    assert ends == {
+        "zoo_default": {0: 0.50, 1: 0.56, 2: 0.53},
+        "mezo_torch": {0: 0.52, 1: 0.50, 2: 0.51},
+    }
+    mean, se = tta.mean_se([0.50, 0.56, 0.53])
+    assert mean == pytest.approx(0.53) and se == pytest.approx(0.03 / 3**0.5)
+    assert tta.mean_se([0.5]) == (0.5, None)
+    text = "\n".join(tta.seed_section("rte", ends))
+    assert "| zoo-ort, recipe defaults | 0: 50.0%, 1: 56.0%, 2: 53.0% | 53.0% ± 1.7 (n=3) |" in text
+    assert "| 51.0% ± 0.6 (n=3) (MeZO-torch) | higher | yes |" in text
+    assert "Difference of the means: +2.0 points, standard error 1.8." in text
+    # A part run with another recipe (or MeZO lr) is not one of the seeds: it is left out.
+    parts["zoo"]["recipe"] = {"lr": 0.01}
+    parts["torch"]["mezo_lr"] = 0.01
+    ends = tta.seed_ends(parts, seeds)
+    assert set(ends["zoo_default"]) == set(ends["mezo_torch"]) == {1, 2}
+    # One seed a side: no comparison of means (no standard error to give), only the table.
+    one = dict(head, seeds={"1": seeds["seeds"]["1"]})
+    assert "mean over seeds" not in "\n".join(tta.seed_section("rte", tta.seed_ends({}, one)))
+    assert "mean over seeds" not in "\n".join(tta.seed_section("sst2", ends))
+
+
+def test_seed_flag_goes_with_the_seeds_part(capsys):
+    for argv in (["--tta", "rte", "--part", "seeds"], ["--tta", "rte", "--seed", "1"]):
+        with pytest.raises(SystemExit) as e:
+            bench_run.main(argv)
+        assert e.value.code == 2
+    assert "--seed goes with --tta TASK --part seeds" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2")
 def test_quick_parts_end_to_end(tmp_path):
     """Both parts on the tiny model (1 s of training each), then the report from their files."""
@@ -131,3 +172,16 @@ def test_quick_parts_end_to_end(tmp_path):
         "P-RGE before (lr 1e-2, constant): kept from the part's run of"
         in (out / "README.md").read_text()
     )
+    # The seeds part: zoo-ort's defaults and MeZO-torch (at the lr its part chose) with seed 1.
+    with pytest.raises(SystemExit, match="seed 0 is the parts' own run"):
+        bench_run.main([*argv[:3], "seeds", *argv[4:], "--seed", "0"])
+    assert bench_run.main([*argv[:3], "seeds", *argv[4:], "--seed", "1"]) == 0
+    seeds = json.loads((out / "sst2-seeds.json").read_text())
+    runs = seeds["seeds"]["1"]["runs"]
+    assert set(runs) == set(tta.SEED_RUNS) and seeds["mezo_lr"] == torch_part["mezo_lr"]
+    assert runs["zoo_default"]["config"]["seed"] == runs["mezo_torch"]["config"]["seed"] == 1
+    assert runs["mezo_torch"]["config"]["lr"] == torch_part["mezo_lr"]
+    for sha in ("train_tokens_sha", "dev_tokens_sha"):  # the same rows as the parts' runs
+        assert runs["mezo_torch"][sha] == torch_part["runs"]["mezo_torch"][sha], sha
+    text = (out / "README.md").read_text()
+    assert "### SST2 over training seeds" in text and "- seed 1, " in text
