@@ -166,8 +166,14 @@ def _problems(s: Settings) -> list[str]:
         (s.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
         (s.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)}"),
         (0.0 <= s.hizoo_smooth <= 1.0, f"hizoo_smooth must be in [0, 1] (got {s.hizoo_smooth})"),
-        # FZOO divides by the spread of its perturbed losses: one query has none.
-        (s.estimator != "fzoo" or s.queries >= 2, "estimator fzoo needs queries >= 2"),
+        # FZOO divides by the spread of its perturbed losses: one query has none, and two have a
+        # spread |L1 - L2|/sqrt(2) near zero whenever they score alike, so the step blows up
+        # (measured: q=2 diverged at the recipe's lr where q=4 did not; selection.md §4).
+        (
+            s.estimator != "fzoo" or s.queries >= 3,
+            f"estimator fzoo needs queries >= 3 (got {s.queries}): it divides by the spread of "
+            "the perturbed losses, which two or fewer cannot estimate",
+        ),
         (s.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
         (s.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}"),
         (s.warmup >= 0, "warmup must be >= 0"),
