@@ -148,8 +148,7 @@ def run_part(
                 runs[key] = _zoo(runner, name, bundle, spec, budget, settings_of[key])
     else:
         sweep_s = budget / 3
-        torch_kw = dict(model=model, steps=100_000, max_len=MAX_LENGTH)
-        mezo_kw = _mezo_kw(model)
+        torch_kw, mezo_kw = _torch_kw(model), _mezo_kw(model)
         res["sweep"] = sweep = {}
         for lr in MEZO_LRS:
             sweep[str(lr)] = _torch(
@@ -171,8 +170,12 @@ def run_part(
     return res
 
 
+def _torch_kw(model: str) -> dict[str, Any]:
+    return dict(model=model, steps=100_000, max_len=MAX_LENGTH)
+
+
 def _mezo_kw(model: str) -> dict[str, Any]:
-    return dict(model=model, steps=100_000, max_len=MAX_LENGTH, eps=1e-2, q=1, directions="zoo")
+    return dict(_torch_kw(model), eps=1e-2, q=1, directions="zoo")
 
 
 def run_seed(
@@ -344,15 +347,12 @@ def seed_ends(parts: dict[str, Any], seeds: dict[str, Any]) -> dict[str, dict[in
     is the part's own run (counted only where that part ran with the seeds part's budget,
     bundle, recipe and MeZO lr), the others come from the seeds part."""
     ends: dict[str, dict[int, float]] = {key: {} for key in SEED_RUNS}
-    same = {k: seeds[k] for k in ("budget_s", "bundle")}
-    zoo, torch_part = parts.get("zoo") or {}, parts.get("torch") or {}
-    firsts = {
-        "zoo_default": zoo.get("recipe") == seeds["recipe"] and zoo,
-        "mezo_torch": torch_part.get("mezo_lr") == seeds["mezo_lr"] and torch_part,
-    }
-    for key, part in firsts.items():
-        run = part and all(part.get(k) == v for k, v in same.items()) and part["runs"].get(key)
-        if run:
+    # key: (its part, the setting of that part that must match the seeds part's)
+    origin = {"zoo_default": ("zoo", "recipe"), "mezo_torch": ("torch", "mezo_lr")}
+    for key, (name, setting) in origin.items():
+        part = parts.get(name) or {}
+        same = all(part.get(k) == seeds[k] for k in ("budget_s", "bundle", setting))
+        if same and (run := part["runs"].get(key)):
             ends[key][0] = run["curve"][-1]["dev_acc"]
     for seed, entry in seeds["seeds"].items():
         for key, run in entry.get("runs", {}).items():

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from benchmarks.common import (
     run_in_subprocess,
     write_results,
 )
-from zoo_ort.tasks.sampler import balanced_batch_indices, batch_indices, epoch_permutation
+from zoo_ort.tasks.sampler import balanced_order, batch_indices, epoch_permutation
 
 TEMPLATE = "Movie review: {sentence}\nThe sentiment of this review is"  # zoo-ort's sst2 task
 CANDIDATES = (" negative", " positive")  # index = SST-2 label
@@ -198,6 +198,8 @@ class PromptData:
     candidate_ids: tuple[int, ...]  # first token of each label word
     pad_id: int
     sampler: str = "shuffle"  # zoo-ort's --sampler: "shuffle" or "balanced"
+    # balanced_order of (seed, size): the label groups are found once a run, not at every step.
+    _orders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def batch(self, ids: Sequence[Sequence[int]], labels: Sequence[int]) -> Batch:
         lengths = [len(x) for x in ids]
@@ -219,7 +221,9 @@ class PromptData:
         :func:`zoo_ort.app.wiring.prepare`), so that every side trains on the same rows."""
         n = len(self.train_ids)
         if self.sampler == "balanced":
-            return balanced_batch_indices(self.train_labels, size, seed, step)
+            if (seed, size) not in self._orders:
+                self._orders[seed, size] = balanced_order(self.train_labels, size, seed)
+            return self._orders[seed, size](step)
         return batch_indices(n, size, seed, step, functools.partial(_epoch_order, n, seed))
 
     def train_batch(self, seed: int, step: int, size: int) -> Batch:
