@@ -318,11 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--part",
-        choices=("zoo", "torch", "seeds"),
+        choices=("zoo", "torch", "seeds", "delivered"),
         default="zoo",
-        help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed)",
+        help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed; "
+        "delivered: the same scoring the held-back rows too, for a stopping rule)",
     )
-    p.add_argument("--seed", type=int, default=None, help="with --tta TASK --part seeds")
+    p.add_argument("--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered")
     p.add_argument(
         "--tta-report", action="store_true", help="re-render the time-to-accuracy report"
     )
@@ -335,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.only and not (a.tta and a.part == "zoo"):
         p.error("--only goes with --tta TASK --part zoo")
-    if (a.seed is not None) != (a.part == "seeds" and a.tta is not None):
-        p.error("--seed goes with --tta TASK --part seeds, and that part needs it")
+    seeded = a.part in ("seeds", "delivered") and a.tta is not None
+    if (a.seed is not None) != seeded:
+        p.error("--seed goes with --tta TASK --part seeds|delivered, and those parts need it")
+    if a.seed is not None and a.seed < 0:
+        p.error("--seed must be >= 0")
     if a.tta or a.tta_report:
         from benchmarks import time_to_accuracy as tta
 

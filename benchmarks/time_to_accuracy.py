@@ -92,7 +92,15 @@ def recipe_training() -> dict[str, Any]:
 
 
 def _zoo(
-    runner: Any, name: str, bundle: str, task: dict, budget: float, s: dict, seed: int = 0
+    runner: Any,
+    name: str,
+    bundle: str,
+    task: dict,
+    budget: float,
+    s: dict,
+    seed: int = 0,
+    grid: Sequence[float] = ZO_GRID,
+    **more: Any,
 ) -> Any:
     s = dict(s)
     kw = dict(q=s.pop("queries"), B=s.pop("batch_size"), lr=s.pop("lr"), eps=s.pop("eps"))
@@ -103,12 +111,13 @@ def _zoo(
             bundle=bundle,
             task=task,
             time_budget_s=budget,
-            eval_at_s=[f * budget for f in ZO_GRID],
+            eval_at_s=[f * budget for f in grid],
             dev_rows=0,
             steps=s.pop("steps", 100_000),
             values=s,
             seed=seed,
             **kw,
+            **more,
         ),
     )
 
@@ -179,37 +188,51 @@ def _mezo_kw(model: str) -> dict[str, Any]:
 
 
 def run_seed(
-    task: str, seed: int, bundle: str, cache: Path, budget: float, out: Path, model: str
+    task: str,
+    seed: int,
+    bundle: str,
+    cache: Path,
+    budget: float,
+    out: Path,
+    model: str,
+    part: str = "seeds",
 ) -> dict[str, Any]:
     """The seeds part: :data:`SEED_RUNS` once more with training seed ``seed`` (the batches'
     order and the directions; the initial adapter is the bundle's, as in the parts), MeZO at the
-    lr the torch part chose. Each run is added to ``{out}/{task}-seeds.json`` as it lands."""
+    lr the torch part chose. Each run is added to ``{out}/{task}-{part}.json`` as it lands.
+
+    ``part="delivered"``: the same two contenders (seed 0 included), both on one evaluation grid
+    (:data:`TORCH_GRID`), scoring the held-back rows beside dev at every point, so that the
+    adapter a stopping rule would deliver (:func:`delivered`) can be read for each alike."""
     from benchmarks.run import Runner
 
-    torch_part = _earlier_part(out / f"{task}-torch.json", budget, bundle, "--part seeds")
-    path = out / f"{task}-seeds.json"
-    head = {"task": task, "part": "seeds", "budget_s": budget, "bundle": bundle}
+    torch_part = _earlier_part(out / f"{task}-torch.json", budget, bundle, f"--part {part}")
+    path = out / f"{task}-{part}.json"
+    head = {"task": task, "part": part, "budget_s": budget, "bundle": bundle}
     head |= {"recipe": recipe_training(), "mezo_lr": torch_part["mezo_lr"]}
     res = json.loads(path.read_text()) if path.is_file() else dict(head, seeds={})
     if {k: res.get(k) for k in head} != head:
         raise SystemExit(
-            f"--part seeds: {path.name} has another budget, bundle, recipe or MeZO lr; move it away"
+            f"--part {part}: {path.name} has another budget, bundle, recipe or MeZO lr; move it "
+            "away"
         )
-    if seed == 0:
+    if seed == 0 and part == "seeds":
         raise SystemExit("--part seeds: seed 0 is the parts' own run; give another seed")
     runner = Runner(6 * budget + 1800)
     spec = {"data": str(task_folder(task, cache)), "task": task}
     entry = res["seeds"].setdefault(str(seed), {})
     entry.update(machine=machine_info(), runs=entry.get("runs", {}))
     timed = dict(time_budget_s=budget, eval_at_s=[f * budget for f in TORCH_GRID])
+    more = {"select_split": "select"} if part == "delivered" else {}
+    zoo_grid = TORCH_GRID if part == "delivered" else ZO_GRID
     for key in SEED_RUNS:
         if key == "zoo_default":
             run = _zoo(runner, f"zoo-ort defaults, seed {seed}", bundle, spec, budget,
-                       head["recipe"], seed=seed)  # fmt: skip
+                       head["recipe"], seed=seed, grid=zoo_grid, **more)  # fmt: skip
         else:
             lr = head["mezo_lr"]
             run = _torch(runner, f"MeZO-torch lr {lr:g}, seed {seed}", bundle, spec, "mezo",
-                         lr=lr, seed=seed, **timed, **_mezo_kw(model))  # fmt: skip
+                         lr=lr, seed=seed, **timed, **_mezo_kw(model), **more)  # fmt: skip
         entry["runs"][key] = run
         entry["errors"], entry["load"] = runner.errors, runner.load
         atomic_write_json(path, res)
@@ -405,6 +428,73 @@ def seed_section(task: str, ends: dict[str, dict[int, float]]) -> list[str]:
     return text
 
 
+def delivered(curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The point a stopping rule on held-back rows delivers: the first evaluation with the
+    highest ``select_acc`` (zoo-ort's ``best/`` keeps the first of equals too), and its dev
+    accuracy, which the rule never sees."""
+    best = max(range(len(curve)), key=lambda i: (curve[i]["select_acc"], -i))
+    return curve[best]
+
+
+DELIVERED_COLUMNS = [("contender", "contender"), ("delivered", "delivered: dev acc (at s)")]
+DELIVERED_COLUMNS += [("mean", "delivered, mean ± SE"), ("ends", "at the end, by seed")]
+DELIVERED_COLUMNS += [("end_mean", "end, mean ± SE")]
+
+
+def delivered_section(task: str, res: dict[str, Any]) -> list[str]:
+    """The delivered part's table (per seed: the dev accuracy of the adapter picked on the
+    held-back rows, and of the last one) and, with two seeds or more a side, the RTE target read
+    on the delivered adapters' means."""
+    picked: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in SEED_RUNS}
+    for seed, entry in res["seeds"].items():
+        for key, run in entry.get("runs", {}).items():
+            if run:
+                picked[key][int(seed)] = {"end": run["curve"][-1], **delivered(run["curve"])}
+    rows = []
+    for key, by_seed in picked.items():
+        if not by_seed:
+            continue
+        seeds = sorted(by_seed.items())
+        rows.append(
+            {
+                "contender": LABELS[key],
+                "delivered": ", ".join(
+                    f"{s}: {_pct(c['dev_acc'])} ({c['train_s']:.0f} s)" for s, c in seeds
+                ),
+                "mean": _pm([c["dev_acc"] for _, c in seeds]),
+                "ends": ", ".join(f"{s}: {_pct(c['end']['dev_acc'])}" for s, c in seeds),
+                "end_mean": _pm([c["end"]["dev_acc"] for _, c in seeds]),
+            }
+        )
+    text = ["", f"### {task.upper()}: the adapter a stopping rule on held-back rows delivers", ""]
+    text += [
+        f"Both contenders scored on one grid ({', '.join(f'{f:g}' for f in TORCH_GRID)} of the "
+        "budget, the start and the end) on dev and on the held-back rows; the delivered adapter "
+        "is the first point with the best held-back accuracy (what `zoo-ort train --holdout` "
+        "keeps as `best/`), read on dev, which the rule never sees.",
+        "",
+        markdown_table(rows, DELIVERED_COLUMNS),
+    ]
+    zoo, mezo = ([c["dev_acc"] for c in picked[k].values()] for k in SEED_RUNS)
+    if task == "rte" and len(zoo) >= 2 and len(mezo) >= 2:
+        (zm, zse), (mm, mse) = mean_se(zoo), mean_se(mezo)
+        diff_se = (zse**2 + mse**2) ** 0.5
+        row = {"measure": "RTE dev accuracy of the delivered adapter, mean over seeds"}
+        row |= {"zoo": _pm(zoo), "ref": f"{_pm(mezo)} (MeZO-torch, same rule)"}
+        row |= {"target": "higher", "met": _yes(zm > mm)}
+        text += [markdown_table([row], TARGET_COLUMNS)]
+        text += [
+            f"Difference of the means: {100 * (zm - mm):+.1f} points, standard error "
+            f"{100 * diff_se:.1f}."
+        ]
+    for seed, entry in sorted(res["seeds"].items(), key=lambda kv: int(kv[0])):
+        m = entry["machine"]
+        text.append(f"- seed {seed}, {m['time_utc']}: {machine_line(m)}")
+        if entry.get("errors"):
+            text.append(f"  - errors: {entry['errors']}")
+    return text
+
+
 def _read_parts(out: Path, task: str) -> dict[str, dict[str, Any]]:
     files = {p: out / f"{task}-{p}.json" for p in PARTS}
     return {p: json.loads(f.read_text()) for p, f in files.items() if f.is_file()}
@@ -451,6 +541,8 @@ def report(out: Path) -> str:
                 text.append(f"- seed {seed}, {m['time_utc']}: {machine_line(m)}")
                 if entry.get("errors"):
                     text.append(f"  - errors: {entry['errors']}")
+        if (delivered_file := out / f"{task}-delivered.json").is_file():
+            text += delivered_section(task, json.loads(delivered_file.read_text()))
     return "\n".join(text) + "\n"
 
 
@@ -490,8 +582,8 @@ def main(
     contenders of the zoo part and keep the others from its last file (same bundle), said so
     in the report; ``seed``: the training seed of the seeds part."""
     out.mkdir(parents=True, exist_ok=True)
-    if part == "seeds" and seed is None:
-        raise SystemExit("--part seeds needs --seed N")
+    if part in ("seeds", "delivered") and seed is None:
+        raise SystemExit(f"--part {part} needs --seed N")
     if task is not None:
         model = "smollm2"
         if bundle is None or quick:
@@ -500,8 +592,9 @@ def main(
             which = "tiny" if quick else "smollm2"
             prep = prepare_bundles(model=which, cache_dir=str(cache), precisions=("fp32",))
             bundle, model = prep["bundles"]["fp32"], prep.get("hf_folder") or model
-        if part == "seeds":
-            res = run_seed(task, seed, bundle, cache, budget, out, model)["seeds"][str(seed)]
+        if part in ("seeds", "delivered"):
+            res = run_seed(task, seed, bundle, cache, budget, out, model, part)
+            res = res["seeds"][str(seed)]
         else:
             earlier = _earlier_part(out / f"{task}-{part}.json", budget, bundle) if only else None
             res = run_part(task, part, bundle, cache, budget, model, only)

@@ -198,6 +198,9 @@ class PromptData:
     candidate_ids: tuple[int, ...]  # first token of each label word
     pad_id: int
     sampler: str = "shuffle"  # zoo-ort's --sampler: "shuffle" or "balanced"
+    # Held-back rows scored beside dev at every evaluation (None: none), to pick a checkpoint on.
+    select_ids: list[np.ndarray] | None = None
+    select_labels: np.ndarray | None = None
     # balanced_order of (seed, size): the label groups are found once a run, not at every step.
     _orders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -295,11 +298,13 @@ def load_task_data(
     dev_split: str = "dev",
     train_limit: int | None = None,
     max_len: int = 256,
+    select_split: str | None = None,
 ) -> PromptData:
     """A zoo-ort task's train and ``dev_split`` rows as :class:`PromptData`, tokenised by zoo-ort
     itself with ``bundle``'s tokenizer, so every side trains and scores the same ids by
     construction. ``task``: ``data`` (a split folder) and ``task``, optionally ``template`` and
-    ``verbalizer``, as in zoo-ort's settings."""
+    ``verbalizer``, as in zoo-ort's settings. ``select_split``: held-back rows scored beside dev
+    at every evaluation (``select_acc``), to pick a checkpoint on."""
     from zoo_ort.bundle import load_bundle
     from zoo_ort.tasks.dataset import load_task_data as zoo_task_data
     from zoo_ort.tasks.encode import TextEncoder
@@ -317,6 +322,7 @@ def load_task_data(
 
     train_ids, train_labels, train = split("train", train_limit)
     dev_ids, dev_labels, _ = split(dev_split, None)
+    select_ids, select_labels, _ = split(select_split, None) if select_split else (None, None, None)
     return PromptData(
         train_ids=train_ids,
         train_labels=train_labels,
@@ -324,6 +330,8 @@ def load_task_data(
         dev_labels=dev_labels,
         candidate_ids=tuple(int(c) for c in train.candidates),
         pad_id=int(train.pad_id),
+        select_ids=select_ids,
+        select_labels=select_labels,
     )
 
 
@@ -559,6 +567,12 @@ class _Run:
     def eval(self, step: int) -> None:
         t0 = time.perf_counter()
         metrics = evaluate(self.model, self.data, self.dev_rows)
+        if self.data.select_ids is not None:  # the held-back rows, all of them
+            held = dataclasses.replace(
+                self.data, dev_ids=self.data.select_ids, dev_labels=self.data.select_labels
+            )
+            m = evaluate(self.model, held, 0)
+            metrics |= {"select_acc": m["dev_acc"], "select_loss": m["dev_loss"]}
         self.curve.append(
             {
                 "step": step,
@@ -740,6 +754,7 @@ def run_baseline(
     task: dict[str, Any] | None = None,
     dev_split: str = "dev",
     sampler: str = "shuffle",
+    select_split: str | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Load ``model`` ("tiny", "smollm2" or a local HF model folder), wrap it in LoRA-FA and run
@@ -752,8 +767,10 @@ def run_baseline(
     (:func:`torch_directions`) or "zoo" (:func:`zoo_directions`, needs ``bundle``). ``task``:
     a zoo-ort task (:func:`load_task_data`, needs ``bundle``) scored on its ``dev_split``
     instead of SST-2 with :data:`TEMPLATE`. ``sampler``: zoo-ort's batch order ("shuffle", or
-    "balanced": every batch split evenly across the labels). Adds ``model``, ``load_s`` and the
-    training phase's peak RSS (``phase_peak_rss_mb``) to the trainer's result.
+    "balanced": every batch split evenly across the labels). ``select_split`` (with ``task``):
+    held-back rows scored at every evaluation too (``select_acc``, ``select_loss``). Adds
+    ``model``, ``load_s`` and the training phase's peak RSS (``phase_peak_rss_mb``) to the
+    trainer's result.
     """
     trainers = {"mezo": mezo_torch, "first_order": first_order_torch, "forward": forward_only_torch}
     if which not in trainers:
@@ -781,7 +798,12 @@ def run_baseline(
         if not bundle:
             raise ValueError("task= needs the bundle whose tokenizer encodes it")
         data = load_task_data(
-            bundle, task, dev_split=dev_split, train_limit=train_limit, max_len=max_len
+            bundle,
+            task,
+            dev_split=dev_split,
+            train_limit=train_limit,
+            max_len=max_len,
+            select_split=select_split,
         )
     else:
         data = load_prompt_data(tokenizer, train_limit=train_limit, max_len=max_len)

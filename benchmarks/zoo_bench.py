@@ -441,10 +441,12 @@ def zoo_train(
     task: dict[str, Any] | None = None,
     dev_split: str = "dev",
     values: dict[str, Any] | None = None,
+    select_split: str | None = None,
 ) -> dict[str, Any]:
     """Train with :func:`zoo_ort.loop.train.train` until ``steps`` or ``time_budget_s`` of
     training; ``task``, ``dev_split`` and ``values`` (more settings: estimator, schedule, ...)
-    as in :func:`run_settings`.
+    as in :func:`run_settings`. ``select_split``: held-back rows of the task, all scored beside
+    dev at every evaluation (``select_acc``, ``select_loss``), to pick a checkpoint on.
 
     The dev set is scored at the start, every ``eval_every`` steps, whenever the training clock
     passes another multiple of ``eval_every_s`` or a point of ``eval_at_s``, and at the end, in
@@ -473,6 +475,12 @@ def zoo_train(
         eval_every=1 if eval_every_s or eval_at_s else eval_every,
         eval_at_start=True,
     )
+    held = None
+    if select_split:
+        from zoo_ort.app.wiring import _split_data
+
+        select_data = _split_data(p.settings, p.bundle, select_split)
+        held = replace(p, dev_data=select_data, settings=replace(p.settings, eval_rows=0))
     clock = {"train_s": 0.0, "next_eval_s": eval_every_s or 0.0}
     grid = sorted(eval_at_s)  # training seconds still to score at
     timed = bool(eval_every_s or eval_at_s)
@@ -485,6 +493,9 @@ def zoo_train(
 
     def score(lora: Mapping[str, np.ndarray], step: int) -> None:
         m = _dev_eval(p, lora)
+        if held is not None:
+            h = _dev_eval(held, lora)
+            m |= {"select_acc": h["dev_acc"], "select_loss": h["dev_loss"]}
         wall_s = time.perf_counter() - start
         curve.append({"step": step, "train_s": clock["train_s"], "wall_s": wall_s, **m})
         last.update(accuracy=m["dev_acc"], loss=m["dev_loss"])
