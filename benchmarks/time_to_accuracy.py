@@ -5,6 +5,7 @@ MeZO in PyTorch at its own best lr and first-order LoRA, on SST-2 and RTE, 600 s
     python -m benchmarks.run --tta sst2 --part torch   # MeZO lr sweep, MeZO, first-order (~45 min)
     python -m benchmarks.run --tta rte --part zoo      # the same on RTE
     python -m benchmarks.run --tta rte --part seeds --seed 1   # two of them again, another seed
+    python -m benchmarks.run --tta rte --part delivered --seed 0  # ... scoring held-back rows too
     python -m benchmarks.run --tta-report              # the tables of every part that ran
 
 Each part fits well under an hour and writes ``{out}/{task}-{part}.json`` as it lands; the report

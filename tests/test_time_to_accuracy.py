@@ -53,6 +53,31 @@ def test_held_back_rows_are_never_trained_on_nor_reported(tmp_path, monkeypatch)
     assert not set(rows(rte / "select.tsv")) & set(rows(rte / "train.tsv"))
 
 
+def test_rte_held_back_rows_are_what_zoo_ort_train_holdout_holds_back(
+    tmp_path, tiny_bundle, monkeypatch
+):
+    """The delivered part's rule on RTE is `zoo-ort train --holdout N`'s: the same rows, the
+    same training rows."""
+    from zoo_ort.app.wiring import prepare, resolve
+
+    monkeypatch.setattr(tta, "SELECT_ROWS", {"rte": 5})
+    src, header = tmp_path / "data" / "rte", "sentence1\tsentence2\tlabel"
+    _write(src / "train.tsv", header, [f"p{i} x\th{i} y\t{i % 2}" for i in range(30)])
+    _write(src / "dev.tsv", header, ["p\th\t0"])
+    folder = tta.task_folder("rte", tmp_path / "cache", src.parent)
+
+    def prepared(data: Path, split: str = "dev", **flags):
+        s = resolve(tiny_bundle, {"data": str(data), "task": "rte", "out": "unused", **flags})
+        return prepare(s.settings, split=split)
+
+    def rows(d) -> list[list[int]]:
+        return [d.example(i).tolist() for i in range(len(d))]
+
+    whole, parts = prepared(src, holdout=5), prepared(folder, split="select")
+    assert rows(whole.holdout_data) == rows(parts.dev_data) and len(parts.dev_data) == 5
+    assert rows(whole.train_data) == rows(parts.train_data) and len(parts.train_data) == 25
+
+
 def _run(points: list[tuple[float, float]], **config) -> dict:
     curve = [{"step": i, "train_s": t, "dev_acc": a} for i, (t, a) in enumerate(points)]
     return {"curve": curve, "steps_done": len(points) - 1, "median_step_s": 1.0, "config": config}
@@ -125,8 +150,41 @@ def test_seeds_compare_means_with_their_standard_error():
     assert "mean over seeds" not in "\n".join(tta.seed_section("sst2", ends))
 
 
+def test_delivered_adapter_is_the_first_best_on_held_back_rows():
+    def run(points: list[tuple[float, float, float]]) -> dict:
+        curve = [{"step": i, "train_s": t, "dev_acc": d, "select_acc": h}
+                 for i, (t, d, h) in enumerate(points)]  # fmt: skip
+        return {"curve": curve}
+
+    # The held-back rows pick 120 s (their first best; 600 s ties it), whose dev accuracy is
+    # reported although dev was higher at 300 s: the rule never looks at dev.
+    zoo = run([(0, 0.54, 0.50), (120, 0.52, 0.56), (300, 0.60, 0.53), (600, 0.51, 0.56)])
+    assert tta.delivered(zoo["curve"])["train_s"] == 120
+    flat = run([(0, 0.54, 0.55), (120, 0.50, 0.52), (600, 0.49, 0.54)])
+    assert tta.delivered(flat["curve"])["dev_acc"] == 0.54  # the start, when nothing beats it
+    res = {"seeds": {}}
+    for seed, (z, m) in enumerate([(zoo, flat), (flat, zoo)]):
+        res["seeds"][str(seed)] = {
+            "machine": {"time_utc": "t"},
+            "runs": {"zoo_default": z, "mezo_torch": m},
+        }
+    text = "\n".join(tta.delivered_section("rte", res))
+    assert (
+        "| zoo-ort, recipe defaults | 0: 52.0% (120 s), 1: 54.0% (0 s) | 53.0% ± 1.0 (n=2) |"
+        in text
+    )
+    assert "| 0: 51.0%, 1: 49.0% | 50.0% ± 1.0 (n=2) |" in text  # the ends, beside
+    assert "(MeZO-torch, same rule) | higher | no |" in text  # 53.0% against 53.0%
+    assert "Difference of the means: +0.0 points, standard error 1.4." in text
+
+
 def test_seed_flag_goes_with_the_seeds_part(capsys):
-    for argv in (["--tta", "rte", "--part", "seeds"], ["--tta", "rte", "--seed", "1"]):
+    for argv in (
+        ["--tta", "rte", "--part", "seeds"],
+        ["--tta", "rte", "--part", "delivered"],
+        ["--tta", "rte", "--seed", "1"],
+        ["--tta", "rte", "--part", "delivered", "--seed", "-1"],
+    ):
         with pytest.raises(SystemExit) as e:
             bench_run.main(argv)
         assert e.value.code == 2
@@ -185,3 +243,15 @@ def test_quick_parts_end_to_end(tmp_path):
         assert runs["mezo_torch"][sha] == torch_part["runs"]["mezo_torch"][sha], sha
     text = (out / "README.md").read_text()
     assert "### SST2 over training seeds" in text and "- seed 1, " in text
+    # The delivered part: both on one grid, the held-back rows scored beside dev at every point.
+    assert bench_run.main([*argv[:3], "delivered", *argv[4:], "--seed", "0"]) == 0
+    runs = json.loads((out / "sst2-delivered.json").read_text())["seeds"]["0"]["runs"]
+    assert set(runs) == set(tta.SEED_RUNS)
+    for r in runs.values():
+        assert r["config"]["eval_at_s"] == [f * 1.0 for f in tta.TORCH_GRID]
+        assert all(0 <= c["select_acc"] <= 1 for c in r["curve"])
+    # Both sides score the same held-back rows with the same initial adapter (ORT and PyTorch).
+    zoo0, mezo0 = (runs[k]["curve"][0] for k in tta.SEED_RUNS)
+    assert zoo0["select_acc"] == mezo0["select_acc"]
+    assert zoo0["select_loss"] == pytest.approx(mezo0["select_loss"], abs=1e-4)
+    assert "stopping rule on held-back rows delivers" in (out / "README.md").read_text()

@@ -27,6 +27,8 @@ LOSSES = ("candidates", "lm")
 OPTIMIZERS = ("sgd", "adam", "sign")
 SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("shuffle", "balanced")
+# Metrics of the held-back training rows (settings.holdout) carry this prefix beside the dev ones.
+HOLDOUT_PREFIX = "holdout_"
 
 
 def _s(default: Any, help: str, section: str, *, flag: bool = True) -> Any:
@@ -84,6 +86,12 @@ class Settings:
     eval_every: int = _s(100, "Evaluate on the dev split every K steps (0: at the end)", "eval")
     eval_rows: int = _s(0, "Evaluate on the first R dev rows (0: all)", "eval")
     eval_batch_size: int = _s(32, "Rows per evaluation pass", "eval")
+    holdout: int = _s(
+        0,
+        "Hold back the last H training rows (never trained on) and pick best/ on them, not on "
+        "the dev split, which is then only reported (0: pick on the dev split)",
+        "eval",
+    )
     eval_at_start: bool = _s(True, "Also evaluate the initial adapter", "eval", flag=False)
     best_metric: str = _s(
         "auto", "Dev metric picking best/ (auto: accuracy, or loss for LM)", "eval", flag=False
@@ -121,10 +129,13 @@ class Settings:
 
     @property
     def best(self) -> tuple[str, str]:
-        """(metric, "max" | "min") that picks the best adapter; LM data is scored by loss."""
+        """(metric, "max" | "min") that picks the best adapter; LM data is scored by loss, and
+        with ``holdout`` the metric is the held-back rows' (``holdout_accuracy``, ...)."""
         metric = self.best_metric
         if metric == "auto":
             metric = "loss" if self.task == "lm" else "accuracy"
+        if self.holdout and not metric.startswith(HOLDOUT_PREFIX):
+            metric = HOLDOUT_PREFIX + metric  # scored on the held-back training rows
         low = any(k in metric for k in ("loss", "nll", "perplexity"))
         return metric, "min" if low else "max"
 
@@ -182,6 +193,7 @@ def _problems(s: Settings) -> list[str]:
         (s.row_budget >= 0, "row_budget must be >= 0"),
         (s.save_every >= 0 and s.eval_every >= 0, "save_every and eval_every must be >= 0"),
         (s.eval_rows >= 0 and s.eval_batch_size >= 1, "eval_rows >= 0, eval_batch_size >= 1"),
+        (s.holdout >= 0, "holdout must be >= 0 (0: pick best/ on the dev split)"),
         (s.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
         (s.seed >= 0, "seed must be >= 0"),
         (s.max_non_finite >= 0, "max_non_finite must be >= 0"),

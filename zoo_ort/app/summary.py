@@ -7,7 +7,7 @@ from typing import Any
 
 from zoo_ort.loop.metrics import plot
 from zoo_ort.loop.train import BEST_DIR, FINAL_DIR, TrainResult
-from zoo_ort.settings import Settings
+from zoo_ort.settings import HOLDOUT_PREFIX, Settings
 
 
 def summary_lines(
@@ -28,17 +28,23 @@ def summary_lines(
     elif result.stopped:
         lines.append(f"stopped at step {result.step}; continue with the same command and --resume")
     metric = s.best[0]
-    if evals and metric in evals[0] and metric in evals[-1]:
+    if evals:
         first, last = evals[0], evals[-1]
-        best = (
-            f"; best {result.best_metric:.4f} at step {result.best_step}"
-            if result.best_metric is not None
-            else ""
-        )
-        lines.append(
-            f"dev {metric}: before {first[metric]:.4f} (step {first['step']}) -> "
-            f"after {last[metric]:.4f} (step {last['step']}){best}"
-        )
+        # With --holdout, best/ is picked on the held-back rows; the dev split is still shown.
+        shown = [metric.removeprefix(HOLDOUT_PREFIX), metric] if s.holdout else [metric]
+        for name in shown:
+            if name not in first or name not in last:
+                continue
+            best = (
+                f"; best {result.best_metric:.4f} at step {result.best_step}"
+                if name == metric and result.best_metric is not None
+                else ""
+            )
+            where = "held-back" if name.startswith(HOLDOUT_PREFIX) else "dev"
+            lines.append(
+                f"{where} {name.removeprefix(HOLDOUT_PREFIX)}: before {first[name]:.4f} (step "
+                f"{first['step']}) -> after {last[name]:.4f} (step {last['step']}){best}"
+            )
     if not result.stopped:
         lines.append(
             f"adapters (PEFT + .onnx_adapter): {run_dir / FINAL_DIR}, {run_dir / BEST_DIR}"

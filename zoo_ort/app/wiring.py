@@ -21,7 +21,15 @@ import numpy as np
 from zoo_ort.bundle import Bundle, load_bundle
 from zoo_ort.engine.protocol import Engine, LabeledBatch
 from zoo_ort.errors import ZooError
-from zoo_ort.settings import FIELDS, Resolved, Settings, load_toml, resolve_settings, save_toml
+from zoo_ort.settings import (
+    FIELDS,
+    HOLDOUT_PREFIX,
+    Resolved,
+    Settings,
+    load_toml,
+    resolve_settings,
+    save_toml,
+)
 
 
 def resolve(
@@ -94,6 +102,7 @@ class Prepared:
     frozen: dict[str, np.ndarray]  # shared LoRA tensors
     train_data: Any  # TaskData, or None when not asked for
     dev_data: Any  # TaskData of the evaluation split
+    holdout_data: Any = None  # TaskData of the held-back training rows (settings.holdout)
 
     def batches(self) -> Callable[[int], LabeledBatch]:
         """``batches(step)``: the training minibatch of ``step``, a pure function of the seed."""
@@ -119,12 +128,13 @@ class Prepared:
         )
 
     def evaluate(self, lora: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Score the evaluation split with ``lora`` (full LoRA tensors, no row dim)."""
+        """Score the evaluation split with ``lora`` (full LoRA tensors, no row dim), and all the
+        held-back training rows, if any, under ``holdout_`` names."""
         from zoo_ort.loop.evaluate import evaluate
 
         params, frozen = split_lora(self.bundle, lora)
         s = self.settings
-        return evaluate(
+        metrics = evaluate(
             self.engine,
             params,
             frozen,
@@ -132,6 +142,12 @@ class Prepared:
             batch_size=s.eval_batch_size,
             limit=s.eval_rows or None,
         )
+        if self.holdout_data is not None:
+            held = evaluate(
+                self.engine, params, frozen, self.holdout_data, batch_size=s.eval_batch_size
+            )
+            metrics |= {HOLDOUT_PREFIX + k: v for k, v in held.items()}
+        return metrics
 
 
 def prepare(
@@ -142,13 +158,22 @@ def prepare(
     engine: Engine | None = None,
     train_limit: int | None = None,
 ) -> Prepared:
-    """Load the bundle, the task's data (``train`` split if asked, and ``split``), the initial
-    adapter, and an :class:`~zoo_ort.engine.ort.OrtEngine` unless ``engine`` is given."""
+    """Load the bundle, the task's data (``train`` split if asked, less its last
+    ``settings.holdout`` rows, and ``split``), the initial adapter, and an
+    :class:`~zoo_ort.engine.ort.OrtEngine` unless ``engine`` is given."""
     s = settings
     if s.bundle is None or s.data is None or s.task is None:
         raise ZooError("settings need a bundle, data and a task (see zoo_ort.app.wiring.resolve)")
     bundle = load_bundle(s.bundle)
     train_data = _split_data(s, bundle, "train", train_limit) if train else None
+    holdout_data = None
+    if train and s.holdout:
+        if s.holdout >= len(train_data):
+            raise ZooError(
+                f"holdout {s.holdout} leaves no training rows (the training split has "
+                f"{len(train_data)}); hold back fewer"
+            )
+        train_data, holdout_data = train_data.split_tail(s.holdout)
     dev_data = _split_data(s, bundle, split)
     if train and s.loss == "candidates" and train_data.is_lm:
         raise ZooError("loss 'candidates' needs classification data; use --loss lm for LM data")
@@ -157,7 +182,7 @@ def prepare(
     if engine is None:
         engine = _ort_engine(s, bundle)
     params, frozen = split_lora(bundle, bundle.initial_lora())
-    return Prepared(s, bundle, engine, params, frozen, train_data, dev_data)
+    return Prepared(s, bundle, engine, params, frozen, train_data, dev_data, holdout_data)
 
 
 def _ort_engine(s: Settings, bundle: Bundle) -> Engine:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo_ort.io import atomic_write_bytes, atomic_write_text
+from zoo_ort.settings import HOLDOUT_PREFIX
 
 METRICS = "metrics.jsonl"
 PLOT = "plot.png"
@@ -88,6 +89,13 @@ LABELS = {
 }
 
 
+def _label(key: str) -> str:
+    """The legend of an eval metric; ``holdout_*`` ones are the held-back training rows'."""
+    base = key.removeprefix(HOLDOUT_PREFIX)
+    label = LABELS.get(base, f"dev {base}")
+    return label.replace("dev ", "held-back ", 1) if base != key else label
+
+
 def plot(run_dir: str | Path, title: str | None = None) -> PlotResult:
     """Draw training loss and evaluation metrics vs step into ``run_dir/plot.png``."""
     run_dir = Path(run_dir)
@@ -135,7 +143,7 @@ def plot(run_dir: str | Path, title: str | None = None) -> PlotResult:
     for k in eval_keys:
         if k.endswith("loss"):  # counts (examples, tokens) and perplexity have other scales
             ex, ey = series(evals, lambda r, k=k: r["eval"].get(k))
-            ax_loss.plot(ex, ey, "o-", label=LABELS.get(k, f"dev {k}"))
+            ax_loss.plot(ex, ey, "o-", label=_label(k))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=8)
@@ -143,7 +151,7 @@ def plot(run_dir: str | Path, title: str | None = None) -> PlotResult:
     if acc_keys:
         for k in acc_keys:
             ex, ey = series(evals, lambda r, k=k: r["eval"].get(k))
-            axes[1].plot(ex, ey, "o-", label=LABELS.get(k, f"dev {k}"))
+            axes[1].plot(ex, ey, "o-", label=_label(k))
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("accuracy")
         axes[1].legend(fontsize=8)

@@ -9,7 +9,7 @@ first (text data); K is the longest such run in the batch, shorter rows padded w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,25 @@ class TaskData:
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def split_tail(self, n: int) -> tuple[TaskData, TaskData]:
+        """(the first ``len - n`` examples, the last ``n``): a held-back slice, as the file has it
+        (a file sorted by label gives a one-label slice; shuffle such a file first)."""
+        if not 0 < n < len(self):
+            raise ZooError(f"cannot hold back {n} of {len(self)} examples")
+        cut = len(self) - n
+
+        def part(lo: int, hi: int) -> TaskData:
+            start, stop = self.offsets[lo], self.offsets[hi]
+            return replace(
+                self,
+                tokens=self.tokens[start:stop],
+                offsets=self.offsets[lo : hi + 1] - start,
+                first=self.first[lo:hi],
+                labels=None if self.labels is None else self.labels[lo:hi],
+            )  # ``truncated`` stays the whole file's count
+
+        return part(0, cut), part(cut, len(self))
 
     def batch(self, indices: Sequence[int] | np.ndarray, pad_to: int | None = None) -> LabeledBatch:
         """Rows for ``indices``, right-padded to the longest row (or to ``pad_to`` tokens)."""
