@@ -294,15 +294,14 @@ def _describe(p: Prepared, load_s: float, dev_rows: int) -> dict[str, Any]:
 
 def _dev_eval(p: Prepared, lora: Mapping[str, np.ndarray]) -> dict[str, float]:
     """``Prepared.evaluate`` (the settings' ``eval_rows`` in ``eval_batch_size`` rows) under the
-    baselines' names, with its time."""
+    baselines' names, with the held-back rows' as ``select_*`` when ``p`` holds some, and the
+    time of it all."""
     t0 = time.perf_counter()
     m = p.evaluate(lora)
-    return {
-        "dev_acc": m["accuracy"],
-        "dev_loss": m["candidate_loss"],
-        "dev_rows": m["examples"],
-        "eval_s": time.perf_counter() - t0,
-    }
+    out = {"dev_acc": m["accuracy"], "dev_loss": m["candidate_loss"], "dev_rows": m["examples"]}
+    if "holdout_accuracy" in m:  # p.holdout_data: the held-back rows
+        out |= {"select_acc": m["holdout_accuracy"], "select_loss": m["holdout_candidate_loss"]}
+    return out | {"eval_s": time.perf_counter() - t0}
 
 
 def _median_after_warmup(times: Sequence[float], warmup: int = 1) -> float | None:
@@ -475,12 +474,10 @@ def zoo_train(
         eval_every=1 if eval_every_s or eval_at_s else eval_every,
         eval_at_start=True,
     )
-    held = None
-    if select_split:
+    if select_split:  # scored as zoo-ort's own --holdout rows are, beside dev, in one evaluate
         from zoo_ort.app.wiring import _split_data
 
-        select_data = _split_data(p.settings, p.bundle, select_split)
-        held = replace(p, dev_data=select_data, settings=replace(p.settings, eval_rows=0))
+        p = replace(p, holdout_data=_split_data(p.settings, p.bundle, select_split))
     clock = {"train_s": 0.0, "next_eval_s": eval_every_s or 0.0}
     grid = sorted(eval_at_s)  # training seconds still to score at
     timed = bool(eval_every_s or eval_at_s)
@@ -493,9 +490,6 @@ def zoo_train(
 
     def score(lora: Mapping[str, np.ndarray], step: int) -> None:
         m = _dev_eval(p, lora)
-        if held is not None:
-            h = _dev_eval(held, lora)
-            m |= {"select_acc": h["dev_acc"], "select_loss": h["dev_loss"]}
         wall_s = time.perf_counter() - start
         curve.append({"step": step, "train_s": clock["train_s"], "wall_s": wall_s, **m})
         last.update(accuracy=m["dev_acc"], loss=m["dev_loss"])
