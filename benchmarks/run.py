@@ -318,12 +318,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--part",
-        choices=("zoo", "torch", "seeds", "delivered"),
+        choices=("zoo", "torch", "seeds", "delivered", "trunk"),
         default="zoo",
         help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed; "
-        "delivered: the same scoring the held-back rows too, for a stopping rule)",
+        "delivered: the same scoring the held-back rows too, for a stopping rule; trunk: as "
+        "delivered, zoo-ort on --bundle-trunk)",
     )
-    p.add_argument("--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered")
+    p.add_argument(
+        "--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered|trunk"
+    )
+    p.add_argument(
+        "--bundle-trunk",
+        default=None,
+        help="with --tta TASK --part trunk: zoo-ort's bundle, exported with lora_layers",
+    )
     p.add_argument(
         "--tta-report", action="store_true", help="re-render the time-to-accuracy report"
     )
@@ -336,9 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.only and not (a.tta and a.part == "zoo"):
         p.error("--only goes with --tta TASK --part zoo")
-    seeded = a.part in ("seeds", "delivered") and a.tta is not None
+    seeded = a.part in ("seeds", "delivered", "trunk") and a.tta is not None
     if (a.seed is not None) != seeded:
-        p.error("--seed goes with --tta TASK --part seeds|delivered, and those parts need it")
+        p.error("--seed goes with --tta TASK --part seeds|delivered|trunk, and those parts need it")
+    if (a.bundle_trunk is not None) != (a.tta is not None and a.part == "trunk"):
+        p.error("--bundle-trunk goes with --tta TASK --part trunk, and that part needs it")
     if a.seed is not None and a.seed < 0:
         p.error("--seed must be >= 0")
     if a.tta or a.tta_report:
@@ -358,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quick=a.quick,
             only=a.only,
             seed=a.seed,
+            trunk_bundle=a.bundle_trunk,
         )
 
     plan = QUICK if a.quick else FULL

@@ -255,3 +255,67 @@ def test_quick_parts_end_to_end(tmp_path):
     assert zoo0["select_acc"] == mezo0["select_acc"]
     assert zoo0["select_loss"] == pytest.approx(mezo0["select_loss"], abs=1e-4)
     assert "stopping rule on held-back rows delivers" in (out / "README.md").read_text()
+    # The trunk part: zoo-ort on a trunk + head bundle (LoRA on the top layer), MeZO-torch as in
+    # the delivered part, on the same grid and held-back rows.
+    from zoo_ort.exporters import export_bundle
+
+    from benchmarks.zoo_bench import TINY_ARCH, TINY_LAYERS
+
+    trunk = export_bundle(
+        str(cache / f"tiny-{TINY_ARCH}-src"), tmp_path / "trunk", rank=8, alpha=16.0,
+        lora_layers=(1, TINY_LAYERS),
+    )  # fmt: skip
+    trunk_argv = [*argv[:3], "trunk", *argv[4:], "--seed", "0", "--bundle-trunk", str(trunk)]
+    assert bench_run.main(trunk_argv) == 0
+    part = json.loads((out / "sst2-trunk.json").read_text())
+    assert part["lora_layers"] == [1, TINY_LAYERS] and part["trunk_bundle"] == str(trunk)
+    assert part["recipe"]["steps"] == tta.TRUNK_STEPS
+    runs = part["seeds"]["0"]["runs"]
+    assert runs["zoo_default"]["bundle"] == str(trunk)
+    assert runs["zoo_default"]["config"]["settings"]["steps"] == tta.TRUNK_STEPS
+    assert runs["mezo_torch"]["config"]["lr"] == torch_part["mezo_lr"]
+    for r in runs.values():
+        assert r["config"]["eval_at_s"] == [f * 1.0 for f in tta.TORCH_GRID]
+    # LoRA-FA starts at B = 0, so both score the base model at the start, whatever their layers.
+    zoo0, mezo0 = (runs[k]["curve"][0] for k in tta.SEED_RUNS)
+    assert zoo0["select_acc"] == mezo0["select_acc"]
+    assert zoo0["select_loss"] == pytest.approx(mezo0["select_loss"], abs=1e-4)
+    assert "delivers, zoo-ort on a trunk + head bundle" in (out / "README.md").read_text()
+    # A one-graph bundle is not a trunk bundle: one line, nothing written.
+    with pytest.raises(SystemExit, match="--part trunk needs --bundle-trunk B, a bundle exported"):
+        bench_run.main([*trunk_argv[:-1], part["bundle"]])
+
+
+def test_bundle_trunk_goes_with_the_trunk_part(capsys):
+    for argv in (
+        ["--tta", "rte", "--part", "trunk", "--seed", "0"],
+        ["--tta", "rte", "--part", "delivered", "--seed", "0", "--bundle-trunk", "B"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            bench_run.main(argv)
+        assert e.value.code == 2
+    assert "--bundle-trunk goes with --tta TASK --part trunk" in capsys.readouterr().err
+
+
+def test_trunk_part_is_reported_under_its_own_title():
+    def run(points: list[tuple[float, float, float]]) -> dict:
+        curve = [{"step": i, "train_s": t, "dev_acc": d, "select_acc": h}
+                 for i, (t, d, h) in enumerate(points)]  # fmt: skip
+        return {"curve": curve}
+
+    res = {"part": "trunk", "lora_layers": [20, 30], "recipe": {"steps": 130}, "seeds": {}}
+    for seed in (0, 1):
+        zoo = run([(0, 0.54, 0.50), (300, 0.56 + seed / 100, 0.55)])
+        mezo = run([(0, 0.54, 0.50), (300, 0.52, 0.53)])
+        res["seeds"][str(seed)] = {
+            "machine": {"time_utc": "t"},
+            "runs": {"zoo_default": zoo, "mezo_torch": mezo},
+        }
+    text = "\n".join(tta.delivered_section("rte", res))
+    assert "delivers, zoo-ort on a trunk + head bundle" in text
+    assert (
+        "| zoo-ort, recipe defaults on a trunk + head bundle (LoRA on layers 20-30), cosine over "
+        "130 steps | 0: 56.0% (300 s), 1: 57.0% (300 s) | 56.5% ± 0.5 (n=2) |" in text
+    )
+    assert "(MeZO-torch, same rule) | higher | yes |" in text
+    assert "Difference of the means: +4.5 points" in text
