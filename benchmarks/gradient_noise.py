@@ -1,0 +1,123 @@
+"""What limits RTE in 600 s: how much of a training batch's gradient is signal, SST-2 against RTE.
+
+    python -m benchmarks.gradient_noise --bundle B [--batches 32] [--tasks sst2 rte]
+
+Both zeroth-order contenders estimate the same thing, the gradient of a batch of 16 examples
+projected on random directions; neither can follow a direction the batch gradients do not share.
+So the measure is first-order and exact (PyTorch autograd, LoRA-FA as the baselines train it, at
+the bundle's initial adapter, zoo-ort's tokens): N independent training batches of 16 give
+gradients g_i of the candidate loss over the trained tensors (lora_B), and
+
+- signal ``|E g|^2``: the unbiased U-statistic ``sum_{i != j} g_i . g_j / (N (N - 1))`` (it can
+  come out negative when there is no common direction), with a bootstrap interval over batches;
+- noise ``tr Cov(g)``: ``sum |g_i - mean g|^2 / (N - 1)``, what one batch adds around it;
+- their ratio: the fraction of a batch's squared gradient that is shared. The number of batches
+  before signal equals noise is about its inverse; a zeroth-order step sees the same ratio in
+  its projected scalar (plus the direction's own noise, alike for both contenders).
+
+Printed as JSON with :func:`benchmarks.common.machine_info`; ``--out`` writes it (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import machine_info
+from zoo_ort.io import atomic_write_json
+
+BATCH = 16
+
+
+def batch_gradients(model: Any, data: Any, batches: int, seed: int) -> np.ndarray:
+    """``[batches, d]``: the candidate loss's gradient over the trained tensors, one row per
+    training batch of :data:`BATCH` (the trainers' own batch draw, steps 0..batches-1)."""
+    import torch
+
+    from benchmarks.torch_baselines import candidate_loss, trainable_params
+
+    params = [p for _, p in trainable_params(model)]
+    rows = []
+    for step in range(batches):
+        batch = data.train_batch(seed, step, BATCH)
+        grads = torch.autograd.grad(candidate_loss(model, batch, data.candidate_ids), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double().numpy())
+    return np.stack(rows)
+
+
+def signal_and_noise(g: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The U-statistic of ``|E g|^2``, ``tr Cov(g)`` and their ratio, with a 90% bootstrap
+    interval of the ratio over batches (see the module's docstring)."""
+
+    def stats(rows: np.ndarray) -> tuple[float, float]:
+        n, total = len(rows), rows.sum(0)
+        own = float((rows * rows).sum())
+        signal = (float(total @ total) - own) / (n * (n - 1))
+        noise = float(((rows - rows.mean(0)) ** 2).sum()) / (n - 1)
+        return signal, noise
+
+    signal, noise = stats(g)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(resamples):
+        s, v = stats(g[rng.integers(0, len(g), len(g))])
+        ratios.append(s / v)
+    lo, hi = np.quantile(ratios, [0.05, 0.95])
+    return {
+        "batches": len(g),
+        "d": int(g.shape[1]),
+        "signal": signal,
+        "noise": noise,
+        "ratio": signal / noise,
+        "ratio_90": [float(lo), float(hi)],
+        "mean_batch_grad_sq": float((g * g).sum(1).mean()),
+    }
+
+
+def measure(bundle: str, task: str, batches: int, seed: int, data_dir: Path) -> dict[str, Any]:
+    """:func:`signal_and_noise` of ``batches`` training batches of ``task`` (SmolLM2, the
+    bundle's tokens and initial adapter)."""
+    from benchmarks import torch_baselines as tb
+    from benchmarks.time_to_accuracy import MAX_LENGTH, task_folder
+
+    tb.set_threads()
+    folder = task_folder(task, data_dir)
+    data = tb.load_task_data(bundle, {"data": str(folder), "task": task}, max_len=MAX_LENGTH)
+    model, _ = tb.load_smollm2()
+    model = tb.add_lora_fa(model)
+    tb.load_lora_init(model, bundle)
+    start = time.perf_counter()
+    g = batch_gradients(model, data, batches, seed)
+    out = {"task": task, "train_rows": len(data.train_ids), **signal_and_noise(g, seed=seed)}
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True, help="the fp32 SmolLM2 bundle (its tokens, its A)")
+    p.add_argument("--tasks", nargs="+", default=["sst2", "rte"], choices=["sst2", "rte"])
+    p.add_argument("--batches", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="benchmarks/cache", help="where the task folders are derived")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(argv)
+    if a.batches < 3:
+        p.error("--batches must be >= 3")
+    res = {"machine": machine_info(), "batch_size": BATCH, "seed": a.seed, "tasks": {}}
+    for task in a.tasks:
+        res["tasks"][task] = measure(a.bundle, task, a.batches, a.seed, Path(a.cache))
+    text = json.dumps(res, indent=1)
+    if a.out:
+        atomic_write_json(Path(a.out), res)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
