@@ -473,6 +473,7 @@ def delivered(curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
 DELIVERED_COLUMNS = [("contender", "contender"), ("delivered", "delivered: dev acc (at s)")]
 DELIVERED_COLUMNS += [("mean", "delivered, mean ± SE"), ("ends", "at the end, by seed")]
 DELIVERED_COLUMNS += [("end_mean", "end, mean ± SE")]
+DELIVERED_COLUMNS += [("end_loss", "dev candidate loss at the end, by seed")]
 
 
 def delivered_section(task: str, res: dict[str, Any]) -> list[str]:
@@ -506,6 +507,10 @@ def delivered_section(task: str, res: dict[str, Any]) -> list[str]:
                 "mean": _pm([c["dev_acc"] for _, c in seeds]),
                 "ends": ", ".join(f"{s}: {_pct(c['end']['dev_acc'])}" for s, c in seeds),
                 "end_mean": _pm([c["end"]["dev_acc"] for _, c in seeds]),
+                # Accuracy at chance can hide a loss that moves: the loss says which way.
+                "end_loss": ", ".join(
+                    f"{s}: {c['end']['dev_loss']:.4f}" for s, c in seeds if "dev_loss" in c["end"]
+                ),
             }
         )
     title = f"### {task.upper()}: the adapter a stopping rule on held-back rows delivers"
@@ -520,6 +525,15 @@ def delivered_section(task: str, res: dict[str, Any]) -> list[str]:
         "",
         markdown_table(rows, DELIVERED_COLUMNS),
     ]
+    starts = {
+        round(run["curve"][0]["dev_loss"], 4)
+        for entry in res["seeds"].values()
+        for run in entry.get("runs", {}).values()
+        if run and "dev_loss" in run["curve"][0]
+    }
+    if starts:
+        shown = ", ".join(f"{x:.4f}" for x in sorted(starts))
+        text += [f"Dev candidate loss at the start: {shown} (chance, ln 2: 0.6931).", ""]
     zoo, mezo = ([c["dev_acc"] for c in picked[k].values()] for k in SEED_RUNS)
     if task == "rte" and len(zoo) >= 2 and len(mezo) >= 2:
         (zm, zse), (mm, mse) = mean_se(zoo), mean_se(mezo)

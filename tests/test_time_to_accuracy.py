@@ -307,6 +307,8 @@ def test_trunk_part_is_reported_under_its_own_title():
     for seed in (0, 1):
         zoo = run([(0, 0.54, 0.50), (300, 0.56 + seed / 100, 0.55)])
         mezo = run([(0, 0.54, 0.50), (300, 0.52, 0.53)])
+        for r, end in ((zoo, 0.69 - seed / 100), (mezo, 0.70)):
+            r["curve"][0]["dev_loss"], r["curve"][-1]["dev_loss"] = 0.6947, end
         res["seeds"][str(seed)] = {
             "machine": {"time_utc": "t"},
             "runs": {"zoo_default": zoo, "mezo_torch": mezo},
@@ -317,5 +319,8 @@ def test_trunk_part_is_reported_under_its_own_title():
         "| zoo-ort, recipe defaults on a trunk + head bundle (LoRA on layers 20-30), cosine over "
         "130 steps | 0: 56.0% (300 s), 1: 57.0% (300 s) | 56.5% ± 0.5 (n=2) |" in text
     )
+    assert "| 56.5% ± 0.5 (n=2) | 0: 0.6900, 1: 0.6800 |" in text  # the ends' loss, by seed
+    assert "| 52.0% ± 0.0 (n=2) | 0: 0.7000, 1: 0.7000 |" in text
+    assert "Dev candidate loss at the start: 0.6947 (chance, ln 2: 0.6931)." in text
     assert "(MeZO-torch, same rule) | higher | yes |" in text
     assert "Difference of the means: +4.5 points" in text
