@@ -30,7 +30,7 @@ from typing import Any
 from benchmarks.common import REPO_ROOT, machine_info, run_in_subprocess
 from benchmarks.plots import plots
 from benchmarks.report import headline, report, same_data, same_directions
-from benchmarks.time_to_accuracy import ZOO_RUNS
+from benchmarks.time_to_accuracy import SEEDED_PARTS, ZOO_RUNS
 from zoo_ort.io import atomic_write_json, atomic_write_text
 
 ZOO = "benchmarks.zoo_bench"
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--part",
-        choices=("zoo", "torch", "seeds", "delivered", "trunk"),
+        choices=("zoo", "torch", *SEEDED_PARTS),
         default="zoo",
         help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed; "
         "delivered: the same scoring the held-back rows too, for a stopping rule; trunk: as "
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.only and not (a.tta and a.part == "zoo"):
         p.error("--only goes with --tta TASK --part zoo")
-    seeded = a.part in ("seeds", "delivered", "trunk") and a.tta is not None
+    seeded = a.part in SEEDED_PARTS and a.tta is not None
     if (a.seed is not None) != seeded:
         p.error("--seed goes with --tta TASK --part seeds|delivered|trunk, and those parts need it")
     if (a.bundle_trunk is not None) != (a.tta is not None and a.part == "trunk"):
