@@ -79,18 +79,28 @@ def signal_and_noise(g: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure(bundle: str, task: str, batches: int, seed: int, data_dir: Path) -> dict[str, Any]:
-    """:func:`signal_and_noise` of ``batches`` training batches of ``task`` (SmolLM2, the
-    bundle's tokens and initial adapter)."""
+def load_model(bundle: str) -> Any:
+    """SmolLM2 with LoRA-FA at ``bundle``'s initial adapter. Loaded once for every task: taking
+    gradients (``torch.autograd.grad``) leaves its weights as they are."""
     from benchmarks import torch_baselines as tb
-    from benchmarks.time_to_accuracy import MAX_LENGTH, task_folder
 
     tb.set_threads()
-    folder = task_folder(task, data_dir)
-    data = tb.load_task_data(bundle, {"data": str(folder), "task": task}, max_len=MAX_LENGTH)
     model, _ = tb.load_smollm2()
     model = tb.add_lora_fa(model)
     tb.load_lora_init(model, bundle)
+    return model
+
+
+def measure(
+    model: Any, bundle: str, task: str, batches: int, seed: int, data_dir: Path
+) -> dict[str, Any]:
+    """:func:`signal_and_noise` of ``batches`` training batches of ``task`` (``model`` from
+    :func:`load_model`, the bundle's tokens)."""
+    from benchmarks import torch_baselines as tb
+    from benchmarks.time_to_accuracy import MAX_LENGTH, task_folder
+
+    folder = task_folder(task, data_dir)
+    data = tb.load_task_data(bundle, {"data": str(folder), "task": task}, max_len=MAX_LENGTH)
     start = time.perf_counter()
     g = batch_gradients(model, data, batches, seed)
     out = {"task": task, "train_rows": len(data.train_ids), **signal_and_noise(g)}
@@ -110,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.batches < 3:
         p.error("--batches must be >= 3")
     res = {"machine": machine_info(), "batch_size": BATCH, "seed": a.seed, "tasks": {}}
+    model = load_model(a.bundle)
     for task in a.tasks:
-        res["tasks"][task] = measure(a.bundle, task, a.batches, a.seed, Path(a.cache))
+        res["tasks"][task] = measure(model, a.bundle, task, a.batches, a.seed, Path(a.cache))
     text = json.dumps(res, indent=1)
     if a.out:
         atomic_write_json(Path(a.out), res)
