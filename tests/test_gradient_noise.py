@@ -60,3 +60,62 @@ def test_jackknife_error_matches_the_spread_over_repeated_draws():
     # Unbiased: the mean over the draws is the true ratio within three standard errors.
     mean = np.mean([o["ratio"] for o in draws])
     assert mean == pytest.approx(float(mu @ mu) / d, abs=3 * spread / np.sqrt(300))
+
+
+def test_zo_merit_is_the_best_expected_decrease_of_a_gaussian_step():
+    """Monte Carlo on L(x) = mu.x + h/2 |x|^2 with batch gradients mu + eps: the step
+    x = -eta (z.g) z at the analytic best eta lowers E L by zo_merit / (2 h), and half or twice
+    that eta lowers it less."""
+    rng = np.random.default_rng(3)
+    d, n, h = 20, 400_000, 2.0
+    mu = 0.5 * rng.standard_normal(d)
+    s = rng.uniform(0.3, 1.5, d)
+    signal, noise = float(mu @ mu), float((s * s).sum())
+    merit = signal * signal / ((d + 2) * (signal + noise))  # the formula, independently
+    from benchmarks.gradient_noise import zo_merit
+
+    assert zo_merit(signal, noise, d) == pytest.approx(merit)
+    assert zo_merit(-1.0, noise, d) == 0.0  # no shared direction: nothing to gain
+    z = rng.standard_normal((n, d))
+    g = mu + s * rng.standard_normal((n, d))
+    step = (z * g).sum(1, keepdims=True) * z
+
+    def expected_loss(eta: float) -> float:
+        x = -eta * step
+        return float((x @ mu + h / 2 * (x * x).sum(1)).mean())
+
+    best = signal / (h * (d + 2) * (signal + noise))
+    assert -expected_loss(best) == pytest.approx(merit / (2 * h), rel=0.05)
+    assert expected_loss(best) < expected_loss(best / 2)
+    assert expected_loss(best) < expected_loss(best * 2)
+
+
+def test_groups_partition_the_columns_and_find_where_the_signal_gathers():
+    """Layers and projections each partition the trained tensors, so the per-group signals and
+    noises add up to the whole's exactly; a mean gradient living in one layer gives that layer
+    the highest merit and a higher one than the whole."""
+    from benchmarks.gradient_noise import grouped, signal_and_noise, tensor_groups, zo_merit
+
+    segments = [
+        (f"base_model.model.model.layers.{k}.self_attn.{p}.lora_B.default.weight", size)
+        for k in range(12)
+        for p, size in (("q_proj", 24), ("v_proj", 8))
+    ]
+    groups = tensor_groups(segments)
+    d = sum(size for _, size in segments)
+    layers = [k for k in groups if k.startswith("layer ")]
+    bands = [k for k in groups if k.startswith("layers ")]
+    assert len(layers) == 12 and sorted(bands) == ["layers 0-9", "layers 10-19"]
+    for part in (layers, bands, ["q_proj", "v_proj"]):
+        cols = np.sort(np.concatenate([groups[k] for k in part]))
+        assert np.array_equal(cols, np.arange(d))
+    rng = np.random.default_rng(4)
+    mu = np.zeros(d)
+    mu[groups["layer 5"]] = 0.4
+    g = mu + rng.standard_normal((64, d))
+    whole, parts = signal_and_noise(g), grouped(g, segments)
+    assert sum(parts[k]["signal"] for k in layers) == pytest.approx(whole["signal"])
+    assert sum(parts[k]["noise"] for k in ["q_proj", "v_proj"]) == pytest.approx(whole["noise"])
+    best = max(layers, key=lambda k: parts[k]["zo_merit"])
+    assert best == "layer 5"
+    assert parts[best]["zo_merit"] > 3 * zo_merit(whole["signal"], whole["noise"], d)
