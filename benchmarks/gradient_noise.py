@@ -1,6 +1,7 @@
 """What limits RTE in 600 s: how much of a training batch's gradient is signal, SST-2 against RTE.
 
     python -m benchmarks.gradient_noise --bundle B [--batches 32] [--tasks sst2 rte]
+        [--groups] [--targets q_proj k_proj v_proj ...]
 
 Both zeroth-order contenders estimate the same thing, the gradient of a batch of 16 examples
 projected on random directions; neither can follow a direction the batch gradients do not share.
@@ -15,6 +16,10 @@ gradients g_i of the candidate loss over the trained tensors (lora_B), and
   shared. About its inverse is the number of batches before their mean gradient is as much
   signal as noise; a zeroth-order step sees the same ratio in its projected scalar (plus the
   direction's own noise, alike for both contenders).
+
+``--groups`` repeats the measure per layer, band of ten layers and projection (where in the model
+a shared direction gathers, if anywhere), with :func:`zo_merit`; ``--targets`` puts LoRA on other
+projections than the baselines' q/v.
 
 Printed as JSON with :func:`benchmarks.common.machine_info`; ``--out`` writes it (atomically).
 """
