@@ -10,7 +10,7 @@ the bundle's initial adapter, zoo-ort's tokens): N independent training batches 
 gradients g_i of the candidate loss over the trained tensors (lora_B), and
 
 - signal ``|E g|^2``: the unbiased U-statistic ``sum_{i != j} g_i . g_j / (N (N - 1))`` (it can
-  come out negative when there is no common direction), with a bootstrap interval over batches;
+  come out negative when there is no common direction);
 - noise ``tr Cov(g)``: ``sum |g_i - mean g|^2 / (N - 1)``, what one batch adds around it;
 - their ratio (with a jackknife 90% interval): how much of a batch's squared gradient is
   shared. About its inverse is the number of batches before their mean gradient is as much
@@ -39,6 +39,8 @@ from benchmarks.common import machine_info
 from zoo_ort.io import atomic_write_json
 
 BATCH = 16
+# SmolLM2's (Llama's) linear layers, what --targets may name.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def batch_gradients(
@@ -189,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="benchmarks/cache", help="where the task folders are derived")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument(
-        "--targets", nargs="+", default=None, help="LoRA targets [the baselines': q_proj v_proj]"
+        "--targets",
+        nargs="+",
+        default=None,
+        choices=PROJECTIONS,
+        help="LoRA targets [the baselines': q_proj v_proj]",
     )
     a = p.parse_args(argv)
     if a.batches < 3:

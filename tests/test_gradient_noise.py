@@ -119,3 +119,13 @@ def test_groups_partition_the_columns_and_find_where_the_signal_gathers():
     best = max(layers, key=lambda k: parts[k]["zo_merit"])
     assert best == "layer 5"
     assert parts[best]["zo_merit"] > 3 * zo_merit(whole["signal"], whole["noise"], d)
+
+
+@pytest.mark.parametrize("argv", [["--targets", "foo"], ["--batches", "2"]])
+def test_bad_flags_exit_2_before_loading_anything(argv, capsys):
+    from benchmarks.gradient_noise import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--bundle", "no-such-bundle", *argv])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()[-1]) > 0
