@@ -99,14 +99,8 @@ def grouped(g: np.ndarray, segments: list[tuple[str, int]]) -> dict[str, dict[st
     out = {}
     for key, cols in tensor_groups(segments).items():
         r = signal_and_noise(g[:, cols])
-        out[key] = {
-            "d": r["d"],
-            "signal": r["signal"],
-            "noise": r["noise"],
-            "ratio": r["ratio"],
-            "ratio_90": r["ratio_90"],
-            "zo_merit": zo_merit(r["signal"], r["noise"], r["d"]),
-        }
+        out[key] = {k: r[k] for k in ("d", "signal", "noise", "ratio", "ratio_90")}
+        out[key]["zo_merit"] = zo_merit(r["signal"], r["noise"], r["d"])
     return out
 
 
@@ -200,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.batches < 3:
         p.error("--batches must be >= 3")
+    from benchmarks.torch_baselines import DEFAULT_TARGETS
+
+    targets = tuple(a.targets or DEFAULT_TARGETS)
     res = {
         "machine": machine_info(),
         "batch_size": BATCH,
         "seed": a.seed,
-        "targets": a.targets or ["q_proj", "v_proj"],
+        "targets": list(targets),
         "tasks": {},
     }
-    model = load_model(a.bundle, tuple(a.targets) if a.targets else None)
+    model = load_model(a.bundle, targets)
     for task in a.tasks:
         res["tasks"][task] = measure(
             model, a.bundle, task, a.batches, a.seed, Path(a.cache), a.groups

@@ -38,6 +38,7 @@ from zoo_ort.io import atomic_write_json, atomic_write_text
 TASKS = ("sst2", "rte")
 PARTS = ("zoo", "torch")
 SEEDED_PARTS = ("seeds", "delivered", "trunk")  # one training seed a call (``--seed N``)
+SCORED_PARTS = ("delivered", "trunk")  # held-back rows scored beside dev, on one grid
 # The seeds part re-runs these (zoo-ort's defaults, and MeZO-torch at the lr its part chose) with
 # another training seed, so that a comparison at chance level is one of means, not of one draw.
 SEED_RUNS = ("zoo_default", "mezo_torch")
@@ -242,7 +243,7 @@ def run_seed(
     entry = res["seeds"].setdefault(str(seed), {})
     entry.update(machine=machine_info(), runs=entry.get("runs", {}))
     timed = dict(time_budget_s=budget, eval_at_s=[f * budget for f in TORCH_GRID])
-    scored = part in ("delivered", "trunk")  # held-back rows beside dev, on one grid
+    scored = part in SCORED_PARTS
     more = {"select_split": "select"} if scored else {}
     zoo_grid = TORCH_GRID if scored else ZO_GRID
     for key in SEED_RUNS:
@@ -600,7 +601,7 @@ def report(out: Path) -> str:
                 text.append(f"- seed {seed}, {m['time_utc']}: {machine_line(m)}")
                 if entry.get("errors"):
                     text.append(f"  - errors: {entry['errors']}")
-        for part in ("delivered", "trunk"):
+        for part in SCORED_PARTS:
             if (part_file := out / f"{task}-{part}.json").is_file():
                 text += delivered_section(task, json.loads(part_file.read_text()))
     return "\n".join(text) + "\n"
