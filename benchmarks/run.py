@@ -30,7 +30,7 @@ from typing import Any
 from benchmarks.common import REPO_ROOT, machine_info, run_in_subprocess
 from benchmarks.plots import plots
 from benchmarks.report import headline, report, same_data, same_directions
-from benchmarks.time_to_accuracy import SEEDED_PARTS, ZOO_RUNS
+from benchmarks.time_to_accuracy import CEILING_PART, SEEDED_PARTS, ZOO_RUNS
 from zoo_ort.io import atomic_write_json, atomic_write_text
 
 ZOO = "benchmarks.zoo_bench"
@@ -318,11 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--part",
-        choices=("zoo", "torch", *SEEDED_PARTS),
+        choices=("zoo", "torch", *SEEDED_PARTS, CEILING_PART),
         default="zoo",
         help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed; "
         "delivered: the same scoring the held-back rows too, for a stopping rule; trunk: as "
-        "delivered, zoo-ort on --bundle-trunk)",
+        "delivered, zoo-ort on --bundle-trunk; ceiling: first-order alone for --budget s)",
     )
     p.add_argument(
         "--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered|trunk"

@@ -7,6 +7,7 @@ MeZO in PyTorch at its own best lr and first-order LoRA, on SST-2 and RTE, 600 s
     python -m benchmarks.run --tta rte --part seeds --seed 1   # two of them again, another seed
     python -m benchmarks.run --tta rte --part delivered --seed 0  # ... scoring held-back rows too
     python -m benchmarks.run --tta rte --part trunk --seed 0 --bundle-trunk B  # zoo-ort on B
+    python -m benchmarks.run --tta rte --part ceiling --budget 2400  # first-order, 4x the time
     python -m benchmarks.run --tta-report              # the tables of every part that ran
 
 Each part fits well under an hour and writes ``{out}/{task}-{part}.json`` as it lands; the report
@@ -39,6 +40,10 @@ TASKS = ("sst2", "rte")
 PARTS = ("zoo", "torch")
 SEEDED_PARTS = ("seeds", "delivered", "trunk")  # one training seed a call (``--seed N``)
 SCORED_PARTS = ("delivered", "trunk")  # held-back rows scored beside dev, on one grid
+# The ceiling part: first-order LoRA alone, for a budget of several epochs, scoring dev and the
+# held-back rows -- whether the model learns the task at all, with gradients and time to spare.
+CEILING_PART = "ceiling"
+CEILING_GRID = (0.125, 0.25, 0.5, 0.75)
 # The seeds part re-runs these (zoo-ort's defaults, and MeZO-torch at the lr its part chose) with
 # another training seed, so that a comparison at chance level is one of means, not of one draw.
 SEED_RUNS = ("zoo_default", "mezo_torch")
@@ -160,7 +165,13 @@ def run_part(
     res: dict[str, Any] = {"task": task, "part": part, "budget_s": budget, "bundle": bundle}
     res["machine"] = machine_info()
     res["runs"] = runs = {}
-    if part == "zoo":
+    if part == CEILING_PART:
+        runs["first_order_torch"] = _torch(
+            runner, "first-order AdamW, ceiling", bundle, spec, "first_order", lr=FIRST_ORDER_LR,
+            time_budget_s=budget, eval_at_s=[f * budget for f in CEILING_GRID],
+            select_split="select", **_torch_kw(model),
+        )  # fmt: skip
+    elif part == "zoo":
         res["recipe"] = recipe = recipe_training()
         settings_of = {"zoo_default": recipe, "zoo_prge_before": PRGE_BEFORE}
         for key, name in ZOO_RUNS.items():
@@ -555,6 +566,43 @@ def delivered_section(task: str, res: dict[str, Any]) -> list[str]:
     return text
 
 
+CEILING_COLUMNS = [("s", "training s"), ("step", "step"), ("epochs", "epochs")]
+CEILING_COLUMNS += [("dev", "dev acc"), ("dev_loss", "dev candidate loss")]
+CEILING_COLUMNS += [("held", "held-back acc"), ("held_loss", "held-back candidate loss")]
+
+
+def ceiling_section(task: str, res: dict[str, Any]) -> list[str]:
+    """The ceiling part's curve: first-order LoRA for ``budget_s``, dev and held-back rows at
+    every point, with the epochs of the training rows done by then."""
+    run = res["runs"].get("first_order_torch")
+    title = f"## {task.upper()}: first-order LoRA-FA + AdamW for {res['budget_s']:.0f} s (ceiling)"
+    m = res["machine"]
+    text = ["", title, "", f"- {m['time_utc']}: {machine_line(m)}"]
+    if not run:
+        return [*text, f"  - errors: {res.get('errors')}"]
+    rows_per_step, n = run["rows_per_step"], run["train_rows"]
+    rows = [
+        {
+            "s": f"{c['train_s']:.0f}",
+            "step": c["step"],
+            "epochs": f"{c['step'] * rows_per_step / n:.2f}",
+            "dev": _pct(c["dev_acc"]),
+            "dev_loss": f"{c['dev_loss']:.4f}",
+            "held": _pct(c.get("select_acc")),
+            "held_loss": f"{c['select_loss']:.4f}" if "select_loss" in c else "-",
+        }
+        for c in run["curve"]
+    ]
+    cfg = run["config"]
+    text += [
+        f"B={cfg['B']}, lr {cfg['lr']:g}, {n} training rows, median step "
+        f"{run['median_step_s']:.2f} s; chance candidate loss ln 2 = 0.6931.",
+        "",
+        markdown_table(rows, CEILING_COLUMNS),
+    ]
+    return text
+
+
 def _read_parts(out: Path, task: str) -> dict[str, dict[str, Any]]:
     files = {p: out / f"{task}-{p}.json" for p in PARTS}
     return {p: json.loads(f.read_text()) for p, f in files.items() if f.is_file()}
@@ -604,6 +652,9 @@ def report(out: Path) -> str:
         for part in SCORED_PARTS:
             if (part_file := out / f"{task}-{part}.json").is_file():
                 text += delivered_section(task, json.loads(part_file.read_text()))
+    for task in TASKS:  # after every 600-s comparison: the ceiling parts run for longer
+        if (part_file := out / f"{task}-{CEILING_PART}.json").is_file():
+            text += ceiling_section(task, json.loads(part_file.read_text()))
     return "\n".join(text) + "\n"
 
 

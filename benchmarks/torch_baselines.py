@@ -573,6 +573,7 @@ class _Run:
             )
             m = evaluate(self.model, held, 0)
             metrics |= {"select_acc": m["dev_acc"], "select_loss": m["dev_loss"]}
+            metrics["select_rows"] = m["dev_rows"]
         self.curve.append(
             {
                 "step": step,

@@ -324,3 +324,27 @@ def test_trunk_part_is_reported_under_its_own_title():
     assert "Dev candidate loss at the start: 0.6947 (chance, ln 2: 0.6931)." in text
     assert "(MeZO-torch, same rule) | higher | yes |" in text
     assert "Difference of the means: +4.5 points" in text
+
+
+@pytest.mark.skipif(not (DATA / "rte").is_dir(), reason="needs ../shared/data/rte")
+def test_ceiling_part_scores_dev_and_held_back_rows_with_epochs(tmp_path):
+    """The ceiling part alone: first-order on the tiny model, dev and the held-back rows scored at
+    the start, on the grid and at the end; the report shows it without the 600-s parts."""
+    out, cache = tmp_path / "tta", tmp_path / "cache"
+    argv = ["--tta", "rte", "--part", "ceiling", "--quick", "--budget", "2"]
+    assert bench_run.main([*argv, "--out", str(out), "--cache", str(cache)]) == 0
+    res = json.loads((out / "rte-ceiling.json").read_text())
+    run = res["runs"]["first_order_torch"]
+    assert set(res["runs"]) == {"first_order_torch"} and run["config"]["lr"] == tta.FIRST_ORDER_LR
+    assert run["config"]["eval_at_s"] == [f * 2 for f in tta.CEILING_GRID]
+    assert 2 <= len(run["curve"]) <= len(tta.CEILING_GRID) + 2
+    assert all(c["select_rows"] == tta.SELECT_ROWS["rte"] for c in run["curve"])
+    dev_rows = len((DATA / "rte" / "dev.tsv").read_text().splitlines()) - 1
+    assert all(c["dev_rows"] == dev_rows for c in run["curve"])
+    train_rows = len((DATA / "rte" / "train.tsv").read_text().splitlines()) - 1
+    assert run["train_rows"] == train_rows - tta.SELECT_ROWS["rte"]
+    text = (out / "README.md").read_text()
+    assert "## RTE: first-order LoRA-FA + AdamW for 2 s (ceiling)" in text
+    end = run["curve"][-1]
+    epochs = end["step"] * 16 / run["train_rows"]
+    assert f"| {end['step']} | {epochs:.2f} | {100 * end['dev_acc']:.1f}% |" in text
