@@ -30,7 +30,7 @@ from typing import Any
 from benchmarks.common import REPO_ROOT, machine_info, run_in_subprocess
 from benchmarks.plots import plots
 from benchmarks.report import headline, report, same_data, same_directions
-from benchmarks.time_to_accuracy import CEILING_PART, SEEDED_PARTS, ZOO_RUNS
+from benchmarks.time_to_accuracy import CEILING_PART, CEILING_RUNS, SEEDED_PARTS, ZOO_RUNS
 from zoo_ort.io import atomic_write_json, atomic_write_text
 
 ZOO = "benchmarks.zoo_bench"
@@ -338,12 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--only",
         action="append",
-        choices=tuple(ZOO_RUNS),
-        help="with --tta --part zoo: re-run this contender, keep the others' last results",
+        choices=tuple(dict.fromkeys((*ZOO_RUNS, *CEILING_RUNS))),
+        help="with --tta --part zoo|ceiling: re-run this contender, keep the others' last results",
     )
     a = p.parse_args(argv)
-    if a.only and not (a.tta and a.part == "zoo"):
-        p.error("--only goes with --tta TASK --part zoo")
+    if a.only and not (a.tta and a.part in ("zoo", CEILING_PART)):
+        p.error("--only goes with --tta TASK --part zoo|ceiling")
+    if a.only and not set(a.only) <= set(ZOO_RUNS if a.part == "zoo" else CEILING_RUNS):
+        p.error(f"--only with --part {a.part}: one of the part's contenders")
     seeded = a.part in SEEDED_PARTS and a.tta is not None
     if (a.seed is not None) != seeded:
         p.error("--seed goes with --tta TASK --part seeds|delivered|trunk, and those parts need it")

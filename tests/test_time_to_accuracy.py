@@ -328,23 +328,42 @@ def test_trunk_part_is_reported_under_its_own_title():
 
 @pytest.mark.skipif(not (DATA / "rte").is_dir(), reason="needs ../shared/data/rte")
 def test_ceiling_part_scores_dev_and_held_back_rows_with_epochs(tmp_path):
-    """The ceiling part alone: first-order on the tiny model, dev and the held-back rows scored at
-    the start, on the grid and at the end; the report shows it without the 600-s parts."""
+    """The ceiling part alone: first-order and zoo-ort's recipe on the tiny model, dev and the
+    held-back rows scored at the start, on the grid and at the end; the report shows it without
+    the 600-s parts, and ``--only`` re-runs one contender and keeps the other."""
     out, cache = tmp_path / "tta", tmp_path / "cache"
     argv = ["--tta", "rte", "--part", "ceiling", "--quick", "--budget", "2"]
-    assert bench_run.main([*argv, "--out", str(out), "--cache", str(cache)]) == 0
+    argv += ["--out", str(out), "--cache", str(cache)]
+    assert bench_run.main(argv) == 0
     res = json.loads((out / "rte-ceiling.json").read_text())
-    run = res["runs"]["first_order_torch"]
-    assert set(res["runs"]) == {"first_order_torch"} and run["config"]["lr"] == tta.FIRST_ORDER_LR
-    assert run["config"]["eval_at_s"] == [f * 2 for f in tta.CEILING_GRID]
-    assert 2 <= len(run["curve"]) <= len(tta.CEILING_GRID) + 2
-    assert all(c["select_rows"] == tta.SELECT_ROWS["rte"] for c in run["curve"])
+    assert set(res["runs"]) == set(tta.CEILING_RUNS)
+    fo, zoo = res["runs"]["first_order_torch"], res["runs"]["zoo_default"]
+    assert fo["config"]["lr"] == tta.FIRST_ORDER_LR
+    assert zoo["config"]["settings"]["lr"] == tta.recipe_training()["lr"]
+    assert zoo["config"]["settings"]["steps"] == res["recipe"]["steps"] == 1  # 2 s / 7.5 s
     dev_rows = len((DATA / "rte" / "dev.tsv").read_text().splitlines()) - 1
-    assert all(c["dev_rows"] == dev_rows for c in run["curve"])
     train_rows = len((DATA / "rte" / "train.tsv").read_text().splitlines()) - 1
-    assert run["train_rows"] == train_rows - tta.SELECT_ROWS["rte"]
+    for run in (fo, zoo):
+        assert 2 <= len(run["curve"]) <= len(tta.CEILING_GRID) + 2
+        assert all(c["dev_rows"] == dev_rows for c in run["curve"])
+        assert run["train_rows"] == train_rows - tta.SELECT_ROWS["rte"]
+        assert all("select_acc" in c for c in run["curve"])
+    assert all(c["select_rows"] == tta.SELECT_ROWS["rte"] for c in fo["curve"])
     text = (out / "README.md").read_text()
-    assert "## RTE: first-order LoRA-FA + AdamW for 2 s (ceiling)" in text
-    end = run["curve"][-1]
-    epochs = end["step"] * 16 / run["train_rows"]
+    assert "## RTE: 2 s of training (ceiling)" in text
+    end = fo["curve"][-1]
+    epochs = end["step"] * 16 / fo["train_rows"]
     assert f"| {end['step']} | {epochs:.2f} | {100 * end['dev_acc']:.1f}% |" in text
+    assert bench_run.main([*argv, "--only", "first_order_torch"]) == 0
+    again = json.loads((out / "rte-ceiling.json").read_text())
+    assert again["runs"]["zoo_default"] == zoo and again["kept"] == {
+        "zoo_default": res["machine"]["time_utc"]
+    }
+
+
+def test_only_names_a_contender_of_its_part(capsys):
+    for part, who in (("zoo", "first_order_torch"), ("ceiling", "zoo_prge_before")):
+        with pytest.raises(SystemExit) as e:
+            bench_run.main(["--tta", "rte", "--part", part, "--only", who])
+        assert e.value.code == 2
+    assert "one of the part's contenders" in capsys.readouterr().err
