@@ -322,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="zoo",
         help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed; "
         "delivered: the same scoring the held-back rows too, for a stopping rule; trunk: as "
-        "delivered, zoo-ort on --bundle-trunk; ceiling: first-order alone for --budget s)",
+        "delivered, zoo-ort on --bundle-trunk; ceiling: first-order and zoo-ort's recipe for "
+        "--budget s)",
     )
     p.add_argument(
         "--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered|trunk"

@@ -598,12 +598,12 @@ def ceiling_section(task: str, res: dict[str, Any]) -> list[str]:
     for key, label in LABELS.items():
         if not (run := res["runs"].get(key)):
             continue
-        rows_per_step, n = run["config"]["B"], run["train_rows"]
+        batch, n = run["config"]["B"], run["train_rows"]  # training rows a step consumes
         rows = [
             {
                 "s": f"{c['train_s']:.0f}",
                 "step": c["step"],
-                "epochs": f"{c['step'] * rows_per_step / n:.2f}",
+                "epochs": f"{c['step'] * batch / n:.2f}",
                 "dev": _pct(c["dev_acc"]),
                 "dev_loss": f"{c['dev_loss']:.4f}",
                 "held": _pct(c.get("select_acc")),
