@@ -30,7 +30,13 @@ from typing import Any
 from benchmarks.common import REPO_ROOT, machine_info, run_in_subprocess
 from benchmarks.plots import plots
 from benchmarks.report import headline, report, same_data, same_directions
-from benchmarks.time_to_accuracy import CEILING_PART, CEILING_RUNS, SEEDED_PARTS, ZOO_RUNS
+from benchmarks.time_to_accuracy import (
+    CEILING_PART,
+    CEILING_RUNS,
+    SEEDED_PARTS,
+    TRUNK_PARTS,
+    ZOO_RUNS,
+)
 from zoo_ort.io import atomic_write_json, atomic_write_text
 
 ZOO = "benchmarks.zoo_bench"
@@ -322,16 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="zoo",
         help="with --tta (seeds: zoo-ort's defaults and MeZO-torch again, with --seed; "
         "delivered: the same scoring the held-back rows too, for a stopping rule; trunk: as "
-        "delivered, zoo-ort on --bundle-trunk; ceiling: first-order and zoo-ort's recipe for "
-        "--budget s)",
+        "delivered, zoo-ort on --bundle-trunk; head: as trunk, zoo-ort's FZOO tuned for LoRA on "
+        "the last layer only; ceiling: first-order and zoo-ort's recipe for --budget s)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered|trunk"
+        "--seed", type=int, default=None, help="with --tta TASK --part seeds|delivered|trunk|head"
     )
     p.add_argument(
         "--bundle-trunk",
         default=None,
-        help="with --tta TASK --part trunk: zoo-ort's bundle, exported with lora_layers",
+        help="with --tta TASK --part trunk|head: zoo-ort's bundle, exported with lora_layers",
     )
     p.add_argument(
         "--tta-report", action="store_true", help="re-render the time-to-accuracy report"
@@ -349,9 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--only with --part {a.part}: one of the part's contenders")
     seeded = a.part in SEEDED_PARTS and a.tta is not None
     if (a.seed is not None) != seeded:
-        p.error("--seed goes with --tta TASK --part seeds|delivered|trunk, and those parts need it")
-    if (a.bundle_trunk is not None) != (a.tta is not None and a.part == "trunk"):
-        p.error("--bundle-trunk goes with --tta TASK --part trunk, and that part needs it")
+        p.error(
+            "--seed goes with --tta TASK --part seeds|delivered|trunk|head, and those parts need it"
+        )
+    if (a.bundle_trunk is not None) != (a.tta is not None and a.part in TRUNK_PARTS):
+        p.error("--bundle-trunk goes with --tta TASK --part trunk|head, and those parts need it")
     if a.seed is not None and a.seed < 0:
         p.error("--seed must be >= 0")
     if a.tta or a.tta_report:

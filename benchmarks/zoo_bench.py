@@ -260,6 +260,7 @@ RECORDED_SETTINGS = (
     "steps",
     "seed",
     "sampler",
+    "trunk_cache_mb",  # a trunk + head bundle's cache (MB), where it decides what is recomputed
 )
 
 

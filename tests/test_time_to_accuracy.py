@@ -284,17 +284,36 @@ def test_quick_parts_end_to_end(tmp_path):
     # A one-graph bundle is not a trunk bundle: one line, nothing written.
     with pytest.raises(SystemExit, match="--part trunk needs --bundle-trunk B, a bundle exported"):
         bench_run.main([*trunk_argv[:-1], part["bundle"]])
+    # The head part: as trunk, zoo-ort with HEAD_TRAINING on a bundle whose only LoRA is on the
+    # last layer's o_proj (full LoRA, rank 1), what it trains read from the bundle's manifest.
+    last = export_bundle(
+        str(cache / f"tiny-{TINY_ARCH}-src"), tmp_path / "last", rank=1, mode="full",
+        target_modules=["o_proj"], lora_layers=(TINY_LAYERS - 1, TINY_LAYERS),
+    )  # fmt: skip
+    head_argv = [*argv[:3], "head", *argv[4:], "--seed", "0", "--bundle-trunk", str(last)]
+    assert bench_run.main(head_argv) == 0
+    part = json.loads((out / "sst2-head.json").read_text())
+    assert part["lora"] == {"mode": "full", "rank": 1, "modules": ["o_proj"]}
+    assert part["lora_layers"] == [TINY_LAYERS - 1, TINY_LAYERS]
+    zoo = part["seeds"]["0"]["runs"]["zoo_default"]
+    for key, value in tta.HEAD_TRAINING.items():
+        assert part["recipe"][key] == value and zoo["config"]["settings"][key] == value
+    assert zoo["bundle"] == str(last)
+    assert "delivers, zoo-ort on LoRA of the last layer only" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit, match="--part head needs --bundle-trunk B, a bundle exported"):
+        bench_run.main([*head_argv[:-1], part["bundle"]])
 
 
 def test_bundle_trunk_goes_with_the_trunk_part(capsys):
     for argv in (
         ["--tta", "rte", "--part", "trunk", "--seed", "0"],
+        ["--tta", "rte", "--part", "head", "--seed", "0"],
         ["--tta", "rte", "--part", "delivered", "--seed", "0", "--bundle-trunk", "B"],
     ):
         with pytest.raises(SystemExit) as e:
             bench_run.main(argv)
         assert e.value.code == 2
-    assert "--bundle-trunk goes with --tta TASK --part trunk" in capsys.readouterr().err
+        assert "--bundle-trunk goes with --tta TASK --part trunk|head" in capsys.readouterr().err
 
 
 def test_trunk_part_is_reported_under_its_own_title():
@@ -367,3 +386,21 @@ def test_only_names_a_contender_of_its_part(capsys):
             bench_run.main(["--tta", "rte", "--part", part, "--only", who])
         assert e.value.code == 2
     assert "one of the part's contenders" in capsys.readouterr().err
+
+
+def test_head_part_names_what_zoo_ort_trained():
+    curve = [{"step": 0, "train_s": 0.0, "dev_acc": 0.54, "select_acc": 0.5}]
+    res = {
+        "part": "head",
+        "lora_layers": [29, 30],
+        "lora": {"mode": "full", "rank": 1, "modules": ["o_proj"]},
+        "recipe": {"steps": 2800, "lr": 5e-3},
+        "seeds": {"0": {"machine": {"time_utc": "t"}, "runs": {"zoo_default": {"curve": curve}}}},
+    }
+    text = "\n".join(tta.delivered_section("rte", res))
+    assert "### RTE: the adapter a stopping rule on held-back rows delivers, zoo-ort on LoRA of " \
+        "the last layer only" in text  # fmt: skip
+    assert (
+        "| zoo-ort FZOO on a trunk + head bundle (LoRA full rank 1 on o_proj of layers 29-30), "
+        "lr 0.005, cosine over 2800 steps | 0: 54.0% (0 s) |" in text
+    )
