@@ -14,7 +14,7 @@ two questions on the model's own features, with nothing chosen on the dev rows:
    LoRA on the last layer's ``o_proj`` acts on two vectors per row: the layer's input ``h_in``
    and ``o_proj``'s input ``o_in`` at the answer position. :class:`Tail` recomputes the rest
    (o_proj + LoRA, the MLP, the final norm, the candidate rows of the LM head) exactly (checked
-   against the model's own candidate logits), so a step costs microseconds a row. On it,
+   against the model's own candidate logits), so a step costs tens of microseconds a row. On it,
    first-order AdamW (the baselines' optimiser) and zoo-ort's FZOO (its own Rademacher draws,
    normalised scalars, replay and cosine schedule, the recipe's q=4 and eps) train full LoRA of
    rank ``--rank``; FZOO with batches of 16 (the recipe's) and larger ones, each given the same
