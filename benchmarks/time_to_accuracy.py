@@ -535,14 +535,14 @@ def delivered_section(task: str, res: dict[str, Any]) -> list[str]:
     target read on the delivered adapters' means."""
     part = res.get("part")
     labels = dict(LABELS)
-    if part in TRUNK_PARTS:
+    if part == "trunk":
         start, stop = res["lora_layers"]
         labels["zoo_default"] = (
             f"zoo-ort, recipe defaults on a trunk + head bundle (LoRA on layers {start}-{stop}),"
             f" cosine over {res['recipe']['steps']} steps"
         )
-    if part == "head":
-        lora, r = res["lora"], res["recipe"]
+    elif part == "head":
+        (start, stop), lora, r = res["lora_layers"], res["lora"], res["recipe"]
         labels["zoo_default"] = (
             f"zoo-ort FZOO on a trunk + head bundle (LoRA {lora['mode']} rank {lora['rank']} on "
             f"{', '.join(lora['modules'])} of layers {start}-{stop}), lr {r['lr']:g}, cosine over"
