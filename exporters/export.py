@@ -73,6 +73,7 @@ ADAPTER_INIT = "adapter_init.safetensors"
 TARGETS_KNOWN = ("nnapi", "qnn", "coreml")
 QUANTIZE_KNOWN = ("int8",)
 DEFAULT_RANK = 8
+DEFAULT_MODE = "fa"
 # The NPU graph (mobile.py) builds plain causal masks: no sliding windows, ALiBi token masks or
 # logit soft-capping, so only these families are exported for it.
 NPU_FAMILIES = ("llama", "qwen2", "gpt2", "opt")
@@ -88,7 +89,7 @@ def export_bundle(
     rank: int | None = None,
     alpha: float | None = None,
     target_modules: list[str] | None = None,
-    mode: str = "fa",
+    mode: str | None = None,
     rows: int | None = None,
     seq_len: int | None = None,
     quantize: str | None = None,
@@ -104,7 +105,8 @@ def export_bundle(
     """Export ``model`` (recipe name, hub id, model folder or .gguf file) as a bundle at ``out``.
 
     ``rank`` defaults to the recipe's (else 8), ``alpha`` to the recipe's (else ``2 * rank``),
-    ``target_modules`` to the recipe's (else the architecture's). ``mode`` is "fa" (LoRA-FA: A
+    ``target_modules`` to the recipe's (else the architecture's), ``mode`` and ``lora_layers`` to
+    the recipe's ``mode`` and ``layers`` (else "fa" and every layer). ``mode`` is "fa" (LoRA-FA: A
     shared and frozen, B per row) or "full" (A and B per row). ``rows`` and ``seq_len`` together
     fix N and T (static shapes, for NPUs); then the number of target slots K defaults to T
     (``targets``) and the number of candidates C to the recipe's ``[static] candidates`` (else 2).
@@ -120,12 +122,18 @@ def export_bundle(
     say = progress or (lambda _message: None)
     out = Path(out).expanduser()
     _check_options(rank, mode, rows, seq_len, quantize, target, targets, candidates)
-    layers = _check_layers(lora_layers, split, rows, target)
+    _check_layers(lora_layers, split, rows, target)
     _check_out(out, overwrite)
 
     source = resolve(model)
     recipe = source.recipe
     lora_recipe = recipe.get("lora", {})
+    if mode is None:
+        mode = str(lora_recipe.get("mode", DEFAULT_MODE))
+        _check_options(rank, mode, rows, seq_len, quantize, target, targets, candidates)
+    if lora_layers is None and "layers" in lora_recipe:
+        lora_layers = lora_recipe["layers"]
+    layers = _check_layers(lora_layers, split, rows, target)
     rank = rank if rank is not None else int(lora_recipe.get("rank", DEFAULT_RANK))
     if alpha is None:
         alpha = float(lora_recipe["alpha"]) if "alpha" in lora_recipe else 2.0 * rank
@@ -227,7 +235,7 @@ def export_bundle(
 
 def _check_options(
     rank: int | None,
-    mode: str,
+    mode: str | None,
     rows: int | None,
     seq_len: int | None,
     quantize: str | None,
@@ -237,7 +245,7 @@ def _check_options(
 ) -> None:
     if rank is not None and rank <= 0:
         raise ZooError(f"LoRA rank must be a positive integer, got {rank}")
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ZooError(f"unknown LoRA mode {mode!r}; choose one of: {', '.join(MODES)}")
     if (rows is None) != (seq_len is None):
         raise ZooError("static shapes need both rows and seq_len (or neither, for dynamic shapes)")

