@@ -289,7 +289,10 @@ def _check_layers(
             "a trunk; start higher, or export one graph (split=False)"
         )
     if split and (rows is not None or target is not None):
-        raise ZooError("a trunk + head bundle has dynamic shapes only; drop rows/seq_len/target")
+        raise ZooError(
+            f"lora_layers {start}:{stop} make a trunk + head bundle, which has dynamic shapes "
+            "only; drop rows/seq_len/target, or keep one graph (split=False, --one-graph)"
+        )
     return start, stop
 
 

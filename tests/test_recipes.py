@@ -129,14 +129,16 @@ def test_bad_recipe_layers_and_mode(tmp_path, recipe_source):
     from zoo_ort.exporters import export_bundle
 
     out = tmp_path / "b"
-    for lora, message in [
-        ({"layers": [1, 5]}, r"lora_layers 1:5 is not a range of this model's layers"),
-        ({"layers": [0, 2]}, "starts at layer 0"),
-        ({"layers": [1, 2, 3]}, "lora_layers must be two layer indices"),
-        ({"mode": "half"}, "unknown LoRA mode 'half'"),
+    static = {"rows": 2, "seq_len": 8}
+    for lora, message, kwargs in [
+        ({"layers": [1, 5]}, r"lora_layers 1:5 is not a range of this model's layers", {}),
+        ({"layers": [0, 2]}, "starts at layer 0", {}),
+        ({"layers": [1, 2, 3]}, "lora_layers must be two layer indices", {}),
+        ({"mode": "half"}, "unknown LoRA mode 'half'", {}),
+        ({"layers": [1, 2]}, r"lora_layers 1:2 make a trunk \+ head .* --one-graph", static),
     ]:
         model = recipe_source({"rank": 2} | lora)
         with pytest.raises(ZooError, match=message) as info:
-            export_bundle(model, out)
+            export_bundle(model, out, **kwargs)
         assert "\n" not in str(info.value)
         assert not out.exists()
