@@ -121,22 +121,15 @@ def export_bundle(
     """
     say = progress or (lambda _message: None)
     out = Path(out).expanduser()
-    _check_options(rank, mode, rows, seq_len, quantize, target, targets, candidates)
-    _check_layers(lora_layers, split, rows, target)
+    _check_options(rank, rows, seq_len, quantize, target, targets, candidates)
     _check_out(out, overwrite)
 
-    source = resolve(model)
+    source = resolve(model)  # cheap (no weights read): the recipe's LoRA choices are checked next
     recipe = source.recipe
     lora_recipe = recipe.get("lora", {})
-    if mode is None:
-        mode = str(lora_recipe.get("mode", DEFAULT_MODE))
-        _check_options(rank, mode, rows, seq_len, quantize, target, targets, candidates)
-    if lora_layers is None and "layers" in lora_recipe:
-        lora_layers = lora_recipe["layers"]
-    layers = _check_layers(lora_layers, split, rows, target)
-    rank = rank if rank is not None else int(lora_recipe.get("rank", DEFAULT_RANK))
-    if alpha is None:
-        alpha = float(lora_recipe["alpha"]) if "alpha" in lora_recipe else 2.0 * rank
+    rank, alpha, mode, layers = _lora_choices(
+        lora_recipe, rank, alpha, mode, lora_layers, split, rows, target
+    )
     config = load_config(source)
     arch = architecture(config.model_type)
     if target is not None and arch.model_type not in NPU_FAMILIES:
@@ -235,7 +228,6 @@ def export_bundle(
 
 def _check_options(
     rank: int | None,
-    mode: str | None,
     rows: int | None,
     seq_len: int | None,
     quantize: str | None,
@@ -245,8 +237,6 @@ def _check_options(
 ) -> None:
     if rank is not None and rank <= 0:
         raise ZooError(f"LoRA rank must be a positive integer, got {rank}")
-    if mode is not None and mode not in MODES:
-        raise ZooError(f"unknown LoRA mode {mode!r}; choose one of: {', '.join(MODES)}")
     if (rows is None) != (seq_len is None):
         raise ZooError("static shapes need both rows and seq_len (or neither, for dynamic shapes)")
     for name, value in (("rows", rows), ("seq_len", seq_len), ("targets", targets)):
@@ -266,6 +256,28 @@ def _check_options(
         raise ZooError(f"target {target} needs static shapes; give rows and seq_len")
     if target is not None and quantize is not None:
         raise ZooError(f"target {target} sets its own precision; drop quantize={quantize!r}")
+
+
+def _lora_choices(
+    lora_recipe: dict[str, Any],
+    rank: int | None,
+    alpha: float | None,
+    mode: str | None,
+    lora_layers: tuple[int, int] | None,
+    split: bool,
+    rows: int | None,
+    target: str | None,
+) -> tuple[int, float, str, tuple[int, int] | None]:
+    """rank, alpha, mode and layer range: each as given, else the recipe's, else zoo-ort's."""
+    rank = rank if rank is not None else int(lora_recipe.get("rank", DEFAULT_RANK))
+    if alpha is None:
+        alpha = float(lora_recipe["alpha"]) if "alpha" in lora_recipe else 2.0 * rank
+    mode = mode if mode is not None else str(lora_recipe.get("mode", DEFAULT_MODE))
+    if mode not in MODES:
+        raise ZooError(f"unknown LoRA mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if lora_layers is None:
+        lora_layers = lora_recipe.get("layers")
+    return rank, alpha, mode, _check_layers(lora_layers, split, rows, target)
 
 
 def _check_layers(

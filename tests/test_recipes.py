@@ -107,8 +107,8 @@ def test_recipe_layers_and_mode_are_export_defaults(tmp_path, recipe_source):
     model = recipe_source(
         {"target_modules": ["o_proj"], "rank": 2, "alpha": 4, "layers": [1, 2], "mode": "full"}
     )
-    lora = load_bundle(export_bundle(model, tmp_path / "recipe")).manifest.lora
-    manifest = load_bundle(tmp_path / "recipe").manifest
+    manifest = load_bundle(export_bundle(model, tmp_path / "recipe")).manifest
+    lora = manifest.lora
     assert manifest.trunk is not None and manifest.trunk.layers == [1, 2]
     assert lora.mode == "full" and lora.rank == 2 and lora.layers == [1, 2]
     assert [s.module for s in lora.sites] == ["model.layers.1.self_attn.o_proj"]
